@@ -136,6 +136,20 @@ class Caption:
     spec: Spec
 
 
+# One CLIP-like token per word or punctuation mark.
+TOKEN_PATTERN = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+def approx_clip_token_count(text: str) -> int:
+    """Approximate CLIP token count: words plus punctuation marks plus the start and end tokens."""
+    return len(TOKEN_PATTERN.findall(text.lower())) + 2
+
+
+def approx_token_index(text: str, char_offset: int) -> int:
+    """Approximate index, counting the start token as 0, of the token that begins at ``char_offset``."""
+    return len(TOKEN_PATTERN.findall(text[:char_offset].lower())) + 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Facts about a scene that a caption may assert.
 
@@ -426,11 +440,12 @@ def _resolve(spec: Spec, colour: str, shape: str) -> int:
 # Scenes that satisfy a spec.
 
 
-def scene_for_spec(spec: Spec, rng: np.random.Generator, attempts: int = 2000) -> Scene:
+def scene_for_spec(spec: Spec, rng: np.random.Generator, attempts: int = 200) -> Scene:
     """Sample a scene in which everything the spec asserts is true (unspecified attributes are random).
 
     Extra objects are added when ``spec.count`` asks for more than the spec describes. Held-out
-    colour-shape pairs are allowed (that is what evaluation prompts are for).
+    colour-shape pairs are allowed where the spec names them (that is what evaluation prompts are
+    for); the extra objects avoid them.
     """
     count = spec.count if spec.count is not None else len(spec.objects)
     if count < len(spec.objects):
@@ -449,32 +464,48 @@ def _random_background(rng: np.random.Generator, spec: Spec) -> str:
     return _pick(rng, options)
 
 
-def _objects_for_spec(spec: Spec, count: int, background: str, rng: np.random.Generator) -> list[SceneObject] | None:
+def _objects_for_spec(
+    spec: Spec, count: int, background: str, rng: np.random.Generator, placements: int = 100
+) -> list[SceneObject] | None:
+    """Place objects one by one, each checked against the objects and relations placed before it."""
     objects: list[SceneObject] = []
+    colour_options = [c for c in COLOURS if c != background]
     for index in range(count):
         requirement = spec.objects[index] if index < len(spec.objects) else None
-        colour_options = [c for c in COLOURS if c != background]
         colour = requirement.colour if requirement and requirement.colour else _pick(rng, colour_options)
         shape = requirement.shape if requirement and requirement.shape else _pick(rng, SHAPES)
         if requirement is None:
             while (colour, shape) in HELD_OUT:
                 colour, shape = _pick(rng, colour_options), _pick(rng, SHAPES)
         size = requirement.size if requirement and requirement.size else _pick(rng, list(SIZES))
-        radius = radius_fraction(size)
-        low, high = radius + EDGE_MARGIN, 1.0 - radius - EDGE_MARGIN
-        if requirement and requirement.position:
-            centre_x, centre_y = POSITIONS[requirement.position]
-            jitter = POSITION_ASSERT_RADIUS / 2
-            x = float(np.clip(centre_x + rng.uniform(-jitter, jitter), low, high))
-            y = float(np.clip(centre_y + rng.uniform(-jitter, jitter), low, high))
-        else:
-            x, y = float(rng.uniform(low, high)), float(rng.uniform(low, high))
-        candidate = SceneObject(shape=shape, colour=colour, size=size, x=x, y=y)
-        if not all(boxes_are_apart(candidate, other) for other in objects):
+        position = requirement.position if requirement else None
+        relations = [(i, rel, j) for i, rel, j in spec.relations if max(i, j) == index]
+        placed = None
+        for _ in range(placements):
+            x, y = _random_centre(rng, size, position)
+            candidate = SceneObject(shape=shape, colour=colour, size=size, x=x, y=y)
+            if not all(boxes_are_apart(candidate, other) for other in objects):
+                continue
+            located = objects + [candidate]
+            if all(
+                relation_holds(rel, (located[i].x, located[i].y), (located[j].x, located[j].y), RELATION_ASSERT_MARGIN)
+                for i, rel, j in relations
+            ):
+                placed = candidate
+                break
+        if placed is None:
             return None
-        objects.append(candidate)
-    for i, relation, j in spec.relations:
-        a, b = objects[i], objects[j]
-        if not relation_holds(relation, (a.x, a.y), (b.x, b.y), RELATION_ASSERT_MARGIN):
-            return None
+        objects.append(placed)
     return objects
+
+
+def _random_centre(rng: np.random.Generator, size: str, position: str | None) -> tuple[float, float]:
+    radius = radius_fraction(size)
+    low, high = radius + EDGE_MARGIN, 1.0 - radius - EDGE_MARGIN
+    if position is None:
+        return float(rng.uniform(low, high)), float(rng.uniform(low, high))
+    centre_x, centre_y = POSITIONS[position]
+    jitter = POSITION_ASSERT_RADIUS / 2
+    x = float(np.clip(centre_x + rng.uniform(-jitter, jitter), low, high))
+    y = float(np.clip(centre_y + rng.uniform(-jitter, jitter), low, high))
+    return x, y

@@ -9,11 +9,9 @@ import numpy as np
 import torch.utils.data
 
 from . import captions
-from .captions import STYLES, describe
+from .captions import STYLES, TOKEN_PATTERN, describe
 from .scenes import MAX_OBJECTS, render, sample_scene
 from .vocabulary import BACKGROUNDS, COLOURS, RELATIONS, SHAPES
-
-_TOKEN = re.compile(r"[a-z]+|[^\sa-z]")
 
 
 def objects_for_style(style: str, rng: np.random.Generator) -> int:
@@ -98,4 +96,4 @@ def world_words() -> list[str]:
         *captions.RELATION_TEMPLATES,
     ]
     texts += [re.sub(r"\{\w+\}", " ", template) for template in templates]
-    return sorted({token for text in texts for token in _TOKEN.findall(text)})
+    return sorted({token for text in texts for token in TOKEN_PATTERN.findall(text)})

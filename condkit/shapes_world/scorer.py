@@ -209,7 +209,10 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
 
     components: list[tuple[int, np.ndarray]] = []
     for colour_index in range(len(names)):
-        labels, count = _connected_components(object_pixel & (best_colour == colour_index))
+        mask = object_pixel & (best_colour == colour_index)
+        if not mask.any():
+            continue
+        labels, count = _connected_components(mask)
         for label in range(1, count + 1):
             component = labels == label
             if component.sum() >= min_area * 0.5:
