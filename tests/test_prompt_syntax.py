@@ -103,6 +103,7 @@ UNBALANCED = [
     ("a (b", runs(("a ", 1.0), ("b", UP))),
     # Open round brackets are closed first, then square ones.
     ("(a [b", runs(("a ", UP), ("b", UP * DOWN))),
+    ("([(x:1.3)", runs(("x", 1.3 * UP * DOWN))),  # the other order gives 1.3000000000000003
     ("a)b", runs(("a)b", 1.0))),
     ("a]b", runs(("a]b", 1.0))),
     ("(a]b)", runs(("a]b", UP))),

@@ -122,9 +122,10 @@ class _EmphasisParser:
         elif character == "]" and self.open_square:
             self._multiply_from(self.open_square.pop(), SQUARE_BRACKET_MULTIPLIER)
             self.position += 1
-        elif character == ":" and self.open_round and self._read_explicit_weight():
-            pass
-        elif character in _SYNTAX_CHARACTERS:
+        elif character == ":" and self.open_round and (explicit := self._explicit_weight()) is not None:
+            multiplier, self.position = explicit
+            self._multiply_from(self.open_round.pop(), multiplier)
+        elif character in _SYNTAX_CHARACTERS:  # ")" or "]" closing nothing, ":" starting no weight
             self._add_text(character)
             self.position += 1
         else:
@@ -140,8 +141,8 @@ class _EmphasisParser:
             self._add_piece("")
             self.position += 1
 
-    def _read_explicit_weight(self) -> bool:
-        """Close the innermost "(" with ":number)" if one starts here; report whether it did."""
+    def _explicit_weight(self) -> tuple[float, int] | None:
+        """The number of a ":number)" starting here and the position after its ")", if there is one."""
         prompt = self.prompt
         start = self._skip_whitespace(self.position + 1)
         end = start + 1 if start < len(prompt) and prompt[start] in "+-" else start
@@ -149,17 +150,15 @@ class _EmphasisParser:
         while end < len(prompt) and (prompt[end] == "." or prompt[end].isdecimal()):
             end += 1
         if end == digits_start:
-            return False
+            return None
         closing = self._skip_whitespace(end)
         if closing >= len(prompt) or prompt[closing] != ")":
-            return False
+            return None
         try:
             multiplier = float(prompt[start:end])
         except ValueError:  # "1.2.3" or "."
-            return False
-        self._multiply_from(self.open_round.pop(), multiplier)
-        self.position = closing + 1
-        return True
+            return None
+        return multiplier, closing + 1
 
     def _skip_whitespace(self, position: int) -> int:
         while position < len(self.prompt) and self.prompt[position].isspace():
