@@ -187,6 +187,13 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
+@dataclass
+class _Phrase:
+    text: str
+    obj: SceneObject
+    size: str | None
+
+
 class _Writer:
     """Accumulates caption text and the matching spec, recording where each object is introduced."""
 
@@ -194,7 +201,7 @@ class _Writer:
         self.text = ""
         self.spec = Spec()
 
-    def noun_phrase(self, obj: SceneObject, rng: np.random.Generator, size_probability: float) -> "_Phrase":
+    def noun_phrase(self, obj: SceneObject, rng: np.random.Generator, size_probability: float) -> _Phrase:
         words = []
         size = None
         if rng.random() < size_probability:
@@ -204,7 +211,7 @@ class _Writer:
         article = "an" if words[0][0] in "aeiou" else "a"
         return _Phrase(f"{article} {' '.join(words)}", obj, size)
 
-    def write(self, template: str, position: str | None = None, **parts: "str | _Phrase") -> dict[str, int]:
+    def write(self, template: str, position: str | None = None, **parts: str | _Phrase) -> dict[str, int]:
         """Append a filled template; returns the spec index of every object phrase, by part name."""
         pieces = re.split(r"(\{\w+\})", template)
         indices: dict[str, int] = {}
@@ -231,17 +238,10 @@ class _Writer:
                 self.text += part
         return indices
 
-    def sentence(self, template: str, position: str | None = None, **parts: "str | _Phrase") -> dict[str, int]:
+    def sentence(self, template: str, position: str | None = None, **parts: str | _Phrase) -> dict[str, int]:
         if self.text:
             self.text += " "
         return self.write(template, position, **parts)
-
-
-@dataclass
-class _Phrase:
-    text: str
-    obj: SceneObject
-    size: str | None
 
 
 def describe(scene: Scene, style: str, rng: np.random.Generator) -> Caption:

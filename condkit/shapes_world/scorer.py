@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .captions import Spec, relation_holds
+from .captions import ObjectRequirement, Spec, relation_holds
 from .scenes import shape_coverage
 from .vocabulary import (
     BACKGROUNDS,
@@ -215,7 +215,8 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
         labels, count = _connected_components(mask)
         for label in range(1, count + 1):
             component = labels == label
-            if component.sum() >= min_area * 0.5:
+            # Blur thins the hard core of an object, so the area test proper uses soft coverage below.
+            if component.sum() >= min_area / 2:
                 components.append((colour_index, component))
     all_objects = np.zeros((height, width), dtype=bool)
     for _, component in components:
@@ -223,8 +224,9 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
 
     detections: list[Detection] = []
     for colour_index, component in components:
-        territory = _dilate(component, neighbourhood) & ~(all_objects & ~component)
-        territory &= ~_dilate(all_objects & ~component, 1) | component
+        # Soft coverage is collected around the component, keeping clear of every other object.
+        others = all_objects & ~component
+        territory = (_dilate(component, neighbourhood) & ~_dilate(others, 1)) | component
         explained = residual[..., colour_index] <= MAX_RESIDUAL
         coverage_full = np.where(territory & explained, np.clip(alpha[..., colour_index], -0.5, 1.5), 0.0)
         area = float(coverage_full.sum())
@@ -254,7 +256,7 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
 _ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
-def _agreements(requirement, detection: Detection) -> tuple[int, int]:
+def _agreements(requirement: ObjectRequirement, detection: Detection) -> tuple[int, int]:
     """(attributes the spec names, of which the detection agrees with) for one object."""
     named = agreed = 0
     for attribute in _ATTRIBUTES:
