@@ -1,0 +1,146 @@
+"""The training recipe of the shapes world's embedded pipeline.
+
+    train_world("runs/world", scale="full")
+
+runs the stages tokenizer → clip → vae → unet → assemble. Each stage works in its own folder
+under `out_dir`, checkpoints atomically and resumes; a finished stage is skipped. "tiny" runs
+every stage for a few steps on tiny models (for tests); "full" is sized for about 80–90 minutes
+on two CPU cores and writes the shipped pipeline folder condkit/shapes_world/model/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPModel
+
+from .assemble import build_pipeline, folder_size_mb, save_pipeline, text_encoder_from_clip
+from .dataset import world_words
+from .stage_runner import atomic_write_json
+from .tokenizer import build_tokenizer, load_tokenizer
+from .train_clip import ClipScale, train_clip
+from .train_unet import UnetScale, train_unet
+from .train_vae import VaeScale, train_vae
+from .world_data import render_pool
+
+STAGES: tuple[str, ...] = ("tokenizer", "clip", "vae", "unet", "assemble")
+SHIPPED_MODEL_DIR = Path(__file__).parent / "model"
+RESOLUTION = 64
+
+
+@dataclass(frozen=True)
+class RecipeScale:
+    pool_size: int
+    held_out_size: int
+    clip: ClipScale
+    vae: VaeScale
+    unet: UnetScale
+
+
+SCALES: dict[str, RecipeScale] = {
+    "tiny": RecipeScale(
+        pool_size=64,
+        held_out_size=32,
+        clip=ClipScale(width=32, layers=1, heads=2, steps=4, batch_size=8, learning_rate=1e-3, checkpoint_every=2),
+        vae=VaeScale(channels=(8, 16, 16), steps=4, batch_size=4, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=2),
+        unet=UnetScale(
+            channels=(32, 32, 32), attention_levels=(False, True, True), attention_head_dim=8,
+            steps=4, batch_size=4, learning_rate=1e-3, ema_decay=0.9, checkpoint_every=2,
+        ),  # fmt: skip
+    ),
+    "full": RecipeScale(
+        pool_size=30_000,
+        held_out_size=1024,
+        clip=ClipScale(width=128, layers=4, heads=4, steps=500, batch_size=96, learning_rate=5e-4, checkpoint_every=50),
+        vae=VaeScale(channels=(16, 32, 64), steps=1200, batch_size=32, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=100),
+        unet=UnetScale(
+            channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
+            steps=4500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
+        ),  # fmt: skip
+    ),
+}
+
+
+def _check_arguments(scale: str, stages: tuple[str, ...]) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"Unknown scale {scale!r}; expected one of {sorted(SCALES)}.")
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"Unknown stage(s) {unknown}; expected a subset of {list(STAGES)}.")
+
+
+def _require(folder: Path, stage: str) -> Path:
+    if not folder.exists():
+        raise FileNotFoundError(f"Stage {stage!r} has no output at {str(folder)!r}; run that stage first.")
+    return folder
+
+
+def train_world(
+    out_dir: str | Path,
+    *,
+    scale: str = "full",
+    stages: tuple[str, ...] = STAGES,
+    resume: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    model_dir: str | Path | None = None,
+) -> Path:
+    """Train the shapes world's pipeline and return the folder of the assembled pipeline.
+
+    model_dir defaults to the shipped folder (condkit/shapes_world/model) for scale="full" and
+    to out_dir/model for any other scale, so test runs never overwrite the shipped model.
+    """
+    stages = tuple(stages)
+    _check_arguments(scale, stages)
+    recipe = SCALES[scale]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir = SHIPPED_MODEL_DIR if scale == "full" else out_dir / "model"
+    model_dir = Path(model_dir)
+    torch.set_num_threads(2)
+
+    tokenizer_dir = out_dir / "tokenizer"
+    if "tokenizer" in stages and not (resume and (tokenizer_dir / "vocab.json").is_file()):
+        build_tokenizer(world_words(), tokenizer_dir)
+
+    needs_data = any(stage in stages for stage in ("clip", "vae", "unet"))
+    if needs_data:
+        tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
+        pool = render_pool(recipe.pool_size, seed, out_dir / "data", resolution=RESOLUTION, progress=progress)
+        held_out = render_pool(
+            recipe.held_out_size, seed + 1, out_dir / "data", resolution=RESOLUTION, progress=progress
+        )
+    reports: dict[str, dict] = {}
+    if "clip" in stages:
+        reports["clip"] = train_clip(
+            out_dir / "clip", tokenizer, pool, held_out, recipe.clip, seed=seed, resume=resume, progress=progress
+        )
+    if "vae" in stages:
+        reports["vae"] = train_vae(
+            out_dir / "vae", pool, held_out, recipe.vae, seed=seed, resume=resume, progress=progress
+        )
+    if "unet" in stages:
+        clip = CLIPModel.from_pretrained(_require(out_dir / "clip" / "final", "clip"))
+        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
+        reports["unet"] = train_unet(
+            out_dir / "unet", tokenizer, text_encoder_from_clip(clip), vae, pool, recipe.unet,
+            seed=seed, resume=resume, progress=progress,
+        )  # fmt: skip
+    if "assemble" in stages:
+        tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
+        clip = CLIPModel.from_pretrained(_require(out_dir / "clip" / "final", "clip"))
+        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
+        unet = UNet2DConditionModel.from_pretrained(_require(out_dir / "unet" / "final", "unet"))
+        save_pipeline(build_pipeline(tokenizer, clip, vae, unet), clip, model_dir)
+        reports["assemble"] = {"model_dir": str(model_dir), "size_mb": folder_size_mb(model_dir)}
+    if reports:
+        summary = {"scale": scale, "seed": seed, "recipe": asdict(recipe), "reports": reports}
+        atomic_write_json(summary, out_dir / f"report-{'-'.join(reports)}.json")
+        if progress:
+            print(json.dumps(reports, indent=2))
+    return model_dir

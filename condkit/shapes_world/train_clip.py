@@ -1,0 +1,177 @@
+"""Stage "clip": a small CLIPModel trained contrastively on renders and their captions.
+
+Symmetric InfoNCE over each batch, with one hard negative caption per image added to the
+image-to-text side. Identical captions inside a batch are all counted as positives, so a short
+caption such as "a red circle" that fits several images is never pushed away from them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+from .hard_negatives import hard_negative
+from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
+from .world_data import Pool
+
+
+@dataclass(frozen=True)
+class ClipScale:
+    width: int
+    layers: int
+    heads: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    checkpoint_every: int
+
+
+def clip_config(tokenizer: CLIPTokenizer, scale: ClipScale, resolution: int) -> CLIPConfig:
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=scale.width,
+        intermediate_size=4 * scale.width,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=scale.heads,
+        max_position_embeddings=77,
+        projection_dim=scale.width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        image_size=resolution,
+        patch_size=8,
+        hidden_size=scale.width,
+        intermediate_size=4 * scale.width,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=scale.heads,
+        projection_dim=scale.width,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=scale.width)
+
+
+def _normalise_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) to roughly zero-mean unit-range floats."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    tokens = tokenizer(captions, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    pooled = model.text_model(input_ids=tokens.input_ids).pooler_output
+    return F.normalize(model.text_projection(pooled), dim=-1)
+
+
+def image_embeddings(model: CLIPModel, images: torch.Tensor) -> torch.Tensor:
+    pooled = model.vision_model(pixel_values=_normalise_pixels(images)).pooler_output
+    return F.normalize(model.visual_projection(pooled), dim=-1)
+
+
+def _same_caption_targets(rows: list[str], columns: list[str]) -> torch.Tensor:
+    """Row-normalised matrix with 1 where the row's caption equals the column's caption."""
+    matches = torch.tensor([[float(r == c) for c in columns] for r in rows])
+    return matches / matches.sum(dim=1, keepdim=True)
+
+
+def contrastive_loss(
+    model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: list[str], negatives: list[str]
+) -> torch.Tensor:
+    image_emb = image_embeddings(model, images)
+    text_emb = text_embeddings(model, tokenizer, captions + negatives)
+    scale = model.logit_scale.exp().clamp(max=100.0)
+    logits = scale * image_emb @ text_emb.T  # (B, B + negatives)
+    image_to_text = _same_caption_targets(captions, captions + negatives)
+    text_to_image = _same_caption_targets(captions, captions)
+    loss_i2t = torch.sum(-image_to_text * logits.log_softmax(dim=1), dim=1).mean()
+    loss_t2i = torch.sum(-text_to_image * logits[:, : len(captions)].T.log_softmax(dim=1), dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, group: int = 64) -> dict[str, float]:
+    """Top-1 retrieval within groups of `group` held-out pairs, and hard-negative preference."""
+    group = min(group, len(pool))
+    model.eval()
+    rng = random.Random(0)
+    image_hits = text_hits = hard_wins = hard_total = 0
+    for start in range(0, len(pool) - group + 1, group):
+        captions = pool.captions[start : start + group]
+        image_emb = image_embeddings(model, pool.images[start : start + group])
+        text_emb = text_embeddings(model, tokenizer, captions)
+        similarity = image_emb @ text_emb.T
+        best_text = similarity.argmax(dim=1).tolist()
+        best_image = similarity.argmax(dim=0).tolist()
+        image_hits += sum(captions[j] == captions[i] for i, j in enumerate(best_text))
+        text_hits += sum(captions[j] == captions[i] for i, j in enumerate(best_image))
+        pairs = [(i, hard_negative(c, rng)) for i, c in enumerate(captions)]
+        pairs = [(i, n) for i, n in pairs if n is not None]
+        if pairs:
+            negative_emb = text_embeddings(model, tokenizer, [n for _, n in pairs])
+            rows = torch.tensor([i for i, _ in pairs])
+            positive = (image_emb[rows] * text_emb[rows]).sum(-1)
+            negative = (image_emb[rows] * negative_emb).sum(-1)
+            hard_wins += int((positive > negative).sum())
+            hard_total += len(pairs)
+    evaluated = (len(pool) // group) * group
+    model.train()
+    return {
+        "image_to_text_top1": image_hits / evaluated,
+        "text_to_image_top1": text_hits / evaluated,
+        "prefers_caption_over_hard_negative": hard_wins / max(hard_total, 1),
+        "retrieval_group_size": group,
+        "evaluated_pairs": evaluated,
+    }
+
+
+def train_clip(
+    stage_dir: Path,
+    tokenizer: CLIPTokenizer,
+    pool: Pool,
+    held_out: Pool,
+    scale: ClipScale,
+    *,
+    seed: int,
+    resume: bool,
+    progress: bool,
+) -> dict:
+    """Train (or resume) the CLIP stage; the model is saved under stage_dir/final."""
+    if resume and is_done(stage_dir):
+        return read_report(stage_dir)
+    torch.manual_seed(seed)
+    model = CLIPModel(clip_config(tokenizer, scale, pool.images.shape[-1]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.learning_rate, weight_decay=0.05)
+    warmup = max(1, scale.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / scale.steps)
+    )
+    runner = StageRunner(
+        stage_dir, {"model": model}, optimizer, scale.steps, scale.checkpoint_every,
+        resume=resume, progress=progress, description="clip",
+    )  # fmt: skip
+    for _ in range(runner.start_step):
+        schedule.step()
+
+    def train_step(step: int) -> float:
+        generator = step_generator(seed, step)
+        indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
+        captions = [pool.captions[i] for i in indices.tolist()]
+        rng = random.Random(seed * 1_000_003 + step)
+        negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
+        loss = contrastive_loss(model, tokenizer, pool.images[indices], captions, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    final_loss = runner.run(train_step)
+    report = {"final_loss": final_loss, **retrieval_accuracy(model, tokenizer, held_out)}
+    atomic_save_folder(lambda folder: model.save_pretrained(folder), stage_dir / "final")
+    mark_done(stage_dir, report)
+    return report

@@ -1,0 +1,113 @@
+"""Stage "vae": a small AutoencoderKL, 64x64x3 images to 16x16x4 latents.
+
+Loss: L1 + MSE reconstruction plus a small KL term. After training, the config's
+scaling_factor is set to 1 / std of the latents over a sample of the pool, as Stable Diffusion
+does, so the UNet sees unit-variance latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
+from .world_data import Pool
+
+
+@dataclass(frozen=True)
+class VaeScale:
+    channels: tuple[int, int, int]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    kl_weight: float
+    checkpoint_every: int
+
+
+def build_vae(scale: VaeScale, resolution: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=scale.channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(8, scale.channels[0]),
+        sample_size=resolution,
+        mid_block_add_attention=False,
+    )
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    posterior = vae.encode(images).latent_dist
+    latents = posterior.sample(generator=generator)
+    reconstruction = vae.decode(latents).sample
+    reconstruction_loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+    return reconstruction_loss + kl_weight * posterior.kl().mean() / images[0].numel()
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, pool: Pool, count: int = 512) -> float:
+    latents = vae.encode(pool.float_images(torch.arange(min(count, len(pool))))).latent_dist.mean
+    return float(latents.std())
+
+
+@torch.no_grad()
+def reconstruction_quality(vae: AutoencoderKL, held_out: Pool, count: int = 256) -> dict[str, float]:
+    """PSNR and mean absolute error (0-255 scale) of mean-latent reconstructions."""
+    images = held_out.float_images(torch.arange(min(count, len(held_out))))
+    reconstruction = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((reconstruction + 1) / 2, (images + 1) / 2, reduction="none").flatten(1).mean(1)
+    psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).mean()
+    mae = (reconstruction - images).abs().mean() * 127.5
+    return {"psnr_db": float(psnr), "mean_abs_error_0_255": float(mae)}
+
+
+def train_vae(
+    stage_dir: Path,
+    pool: Pool,
+    held_out: Pool,
+    scale: VaeScale,
+    *,
+    seed: int,
+    resume: bool,
+    progress: bool,
+) -> dict:
+    """Train (or resume) the VAE stage; the model is saved under stage_dir/final."""
+    if resume and is_done(stage_dir):
+        return read_report(stage_dir)
+    torch.manual_seed(seed)
+    vae = build_vae(scale, pool.images.shape[-1])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=scale.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1 - s / scale.steps))
+    runner = StageRunner(
+        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every,
+        resume=resume, progress=progress, description="vae",
+    )  # fmt: skip
+    for _ in range(runner.start_step):
+        schedule.step()
+
+    def train_step(step: int) -> float:
+        generator = step_generator(seed, step)
+        indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
+        loss = vae_loss(vae, pool.float_images(indices), scale.kl_weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    final_loss = runner.run(train_step)
+    vae.eval()
+    std = latent_std(vae, pool)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    report = {"final_loss": final_loss, "latent_std": std, **reconstruction_quality(vae, held_out)}
+    atomic_save_folder(lambda folder: vae.save_pretrained(folder), stage_dir / "final")
+    mark_done(stage_dir, report)
+    return report

@@ -1,0 +1,57 @@
+"""Rendered training pools: the world's images as one uint8 tensor plus their captions.
+
+Rendering is cheap but not free on two cores, so each pool is rendered once and cached in the
+run folder; every stage then draws its batches from the cached tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .dataset import ShapesDataset
+from .stage_runner import atomic_torch_save
+
+
+@dataclass
+class Pool:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def float_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images at `indices` scaled to [-1, 1], as diffusers' VAE expects."""
+        return self.images[indices].float().div(127.5).sub(1.0)
+
+
+def render_pool(
+    length: int,
+    seed: int,
+    cache_dir: Path,
+    *,
+    resolution: int = 64,
+    allow_held_out: bool = False,
+    progress: bool = True,
+) -> Pool:
+    """Render `length` items of ShapesDataset(seed=seed), or load them from the cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    held = "with-held-out" if allow_held_out else "train"
+    path = cache_dir / f"pool-{held}-seed{seed}-n{length}-r{resolution}.pt"
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return Pool(images=state["images"], captions=list(state["captions"]))
+    dataset = ShapesDataset(length, seed=seed, resolution=resolution, allow_held_out=allow_held_out)
+    images = torch.empty((length, 3, resolution, resolution), dtype=torch.uint8)
+    captions: list[str] = []
+    for i in tqdm(range(length), desc=f"render pool (seed {seed})", disable=not progress, dynamic_ncols=True):
+        item = dataset[i]
+        images[i] = torch.from_numpy(np.asarray(item["image"].convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        captions.append(item["caption"])
+    atomic_torch_save({"images": images, "captions": captions}, path)
+    return Pool(images=images, captions=captions)
