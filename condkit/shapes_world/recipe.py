@@ -59,7 +59,7 @@ SCALES: dict[str, RecipeScale] = {
         vae=VaeScale(channels=(16, 32, 64), steps=1200, batch_size=32, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=100),
         unet=UnetScale(
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
-            steps=4500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
+            steps=4800, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
     ),
 }
