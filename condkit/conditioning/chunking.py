@@ -1,0 +1,101 @@
+"""Weighted prompts → fixed-size token chunks, as AUTOMATIC1111 builds them.
+
+A prompt is parsed into weighted runs, each run tokenized without special tokens, and the tokens
+packed into chunks of `window - 2` content tokens; every chunk is wrapped as BOS … EOS and padded
+to `window` with the tokenizer's pad token, exactly the layout a CLIP tokenizer produces for a
+short prompt with padding="max_length". BREAK closes the current chunk. When a chunk fills up, the
+tokens after its last comma (if that comma is close to the end) move to the next chunk, so a
+phrase is not cut in half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from condkit.conditioning.prompt_syntax import parse_prompt
+
+COMMA_BACKTRACK = 20
+
+
+@dataclass
+class TokenChunks:
+    """Token ids and per-token weights of one prompt: shape (n_chunks, window) each."""
+
+    input_ids: torch.Tensor
+    weights: torch.Tensor
+    n_content_tokens: int
+
+    @property
+    def n_chunks(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def weighted(self) -> bool:
+        return bool((self.weights != 1.0).any())
+
+
+def chunk_prompt(tokenizer, prompt: str, window: int | None = None) -> TokenChunks:
+    """Tokenize an A1111-syntax prompt into BOS…EOS-wrapped chunks of `window` tokens."""
+    window = window or tokenizer.model_max_length
+    capacity = window - 2
+    comma_id = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+    n_content = 0
+
+    def close_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append((tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for run in parse_prompt(prompt):
+        if run.is_break:
+            close_chunk()
+            continue
+        if not run.text:
+            continue
+        ids = tokenizer(run.text, add_special_tokens=False, verbose=False).input_ids
+        n_content += len(ids)
+        for token in ids:
+            if token == comma_id:
+                last_comma = len(tokens)
+            elif len(tokens) == capacity and last_comma >= 0 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                carry_tokens, carry_weights = tokens[last_comma + 1 :], weights[last_comma + 1 :]
+                tokens, weights = tokens[: last_comma + 1], weights[: last_comma + 1]
+                close_chunk()
+                tokens, weights = carry_tokens, carry_weights
+            if len(tokens) == capacity:
+                close_chunk()
+            tokens.append(token)
+            weights.append(run.weight)
+    if tokens or not chunks:
+        close_chunk()
+
+    ids_rows = [_wrap(tokenizer, chunk_tokens, window) for chunk_tokens, _ in chunks]
+    weight_rows = [[1.0] + chunk_weights + [1.0] * (window - 1 - len(chunk_weights)) for _, chunk_weights in chunks]
+    return TokenChunks(torch.tensor(ids_rows), torch.tensor(weight_rows), n_content)
+
+
+def _wrap(tokenizer, tokens: list[int], window: int) -> list[int]:
+    row = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
+    return row + [tokenizer.pad_token_id] * (window - len(row))
+
+
+def empty_chunk(tokenizer, window: int | None = None) -> TokenChunks:
+    return chunk_prompt(tokenizer, "", window)
+
+
+def pad_chunks(chunks: TokenChunks, n_chunks: int, filler: TokenChunks) -> TokenChunks:
+    """Append copies of `filler` (an empty prompt's chunk) until there are `n_chunks` chunks."""
+    missing = n_chunks - chunks.n_chunks
+    if missing <= 0:
+        return chunks
+    return TokenChunks(
+        torch.cat([chunks.input_ids, filler.input_ids.repeat(missing, 1)]),
+        torch.cat([chunks.weights, filler.weights.repeat(missing, 1)]),
+        chunks.n_content_tokens,
+    )

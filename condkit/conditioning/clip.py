@@ -1,0 +1,183 @@
+"""CLIPConditioner: the stock CLIP text encoders of SD1.x/2.x (one) and SDXL (two, plus pooled).
+
+Prompts use A1111 syntax — "(word:1.3)", "(word)", "[word]", BREAK — and may be longer than one
+window: they are split into 75-token chunks (see `chunking`), each encoded on its own and
+concatenated along the token axis, the way AUTOMATIC1111 does. Weights are applied as A1111's
+"original" emphasis: hidden states are multiplied by their token's weight, then rescaled so each
+chunk keeps its mean. With no weights and one chunk the tensors are bit-identical to the pipeline's
+own `encode_prompt`.
+
+Layers, as diffusers reads them:
+- SD: last_hidden_state; with clip_skip=k, final_layer_norm(hidden_states[-(k + 1)]).
+- SDXL: hidden_states[-(k + 2)] (penultimate by default, no final norm) of both encoders,
+  concatenated; pooled output = text_embeds of encoder 2 for the first chunk; an omitted negative
+  prompt gives zeros when the pipeline's force_zeros_for_empty_prompt is set.
+
+One deliberate difference: diffusers' SD encode_prompt ignores clip_skip for the negative prompt;
+here clip_skip applies to both, as in A1111, so positive and negative come from the same layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from condkit.conditioning.base import (
+    Conditioner,
+    Conditioning,
+    as_negative_list,
+    as_prompt_list,
+    register_conditioner,
+)
+from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
+
+
+def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "original" emphasis on (..., tokens, dim) states with (..., tokens) weights.
+
+    Each chunk is multiplied by its weights and rescaled to its original mean; chunks whose
+    weights are all 1 are returned untouched (bit for bit).
+    """
+    weighted_chunks = (weights != 1.0).any(dim=-1)
+    if not weighted_chunks.any():
+        return hidden
+    original_mean = hidden.mean(dim=(-2, -1), keepdim=True)
+    scaled = hidden * weights.unsqueeze(-1).to(hidden.dtype)
+    scaled = scaled * (original_mean / scaled.mean(dim=(-2, -1), keepdim=True))
+    return torch.where(weighted_chunks[..., None, None], scaled, hidden)
+
+
+@register_conditioner("clip")
+class CLIPConditioner(Conditioner):
+    """Prompt → CLIP hidden states for SD1.x/2.x (one encoder) or SDXL (two encoders + pooled).
+
+    Args:
+        tokenizers, text_encoders: one pair for SD, two for SDXL (the second a
+            CLIPTextModelWithProjection, whose text_embeds become the pooled vector).
+        clip_skip: layers to skip from the end, as diffusers' `clip_skip`.
+        zero_empty_negative: SDXL's force_zeros_for_empty_prompt.
+        max_chunks: keep at most this many chunks per prompt (1 = truncate at the window, like
+            the plain pipeline); dropped tokens are reported with a warning. None keeps all.
+        window: tokens per chunk including BOS/EOS (default: the tokenizer's model_max_length).
+    """
+
+    def __init__(
+        self,
+        tokenizers: list[Any],
+        text_encoders: list[nn.Module],
+        *,
+        clip_skip: int | None = None,
+        zero_empty_negative: bool = False,
+        max_chunks: int | None = None,
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+            raise ValueError(
+                f"expected one (SD) or two (SDXL) tokenizer/text-encoder pairs, got {len(tokenizers)} tokenizers "
+                f"and {len(text_encoders)} text encoders"
+            )
+        if clip_skip is not None and clip_skip < 0:
+            raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+        if max_chunks is not None and max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.clip_skip = clip_skip
+        self.zero_empty_negative = zero_empty_negative
+        self.max_chunks = max_chunks
+        self.window = window or self.tokenizers[0].model_max_length
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **options: Any) -> CLIPConditioner:
+        """Wrap a StableDiffusion(XL) pipeline's own tokenizers and text encoders (shared, not copied)."""
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+            encoders = [pipe.text_encoder, pipe.text_encoder_2]
+            options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
+        elif getattr(pipe, "text_encoder", None) is not None:
+            tokenizers, encoders = [pipe.tokenizer], [pipe.text_encoder]
+        else:
+            raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to wrap")
+        return cls(tokenizers, encoders, **options)
+
+    def encode(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+    ) -> Conditioning:
+        prompts = as_prompt_list(prompt)
+        negatives = as_negative_list(negative_prompt, len(prompts))
+        zero_negative = negatives is None and self.zero_empty_negative
+        if negatives is None and not zero_negative:
+            negatives = [""] * len(prompts)
+
+        texts = {"positive": prompts, "negative": negatives or []}
+        chunked = {
+            side: [[self._limit(chunk_prompt(tok, text, self.window), text) for text in side_texts] for tok in self.tokenizers]
+            for side, side_texts in texts.items()
+        }
+        n_chunks = max(c.n_chunks for per_encoder in chunked.values() for group in per_encoder for c in group)
+        embeds, pooled = self._encode_group(chunked["positive"], n_chunks)
+        if zero_negative:
+            negative_embeds = torch.zeros_like(embeds)
+            negative_pooled = None if pooled is None else torch.zeros_like(pooled)
+        else:
+            negative_embeds, negative_pooled = self._encode_group(chunked["negative"], n_chunks)
+
+        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.repeat_interleave(num_images_per_prompt, dim=0)
+
+        return Conditioning(
+            prompt_embeds=repeat(embeds),
+            negative_prompt_embeds=repeat(negative_embeds),
+            pooled_prompt_embeds=repeat(pooled),
+            negative_pooled_prompt_embeds=repeat(negative_pooled),
+        )
+
+    def _limit(self, chunks: TokenChunks, text: str) -> TokenChunks:
+        if self.max_chunks is None or chunks.n_chunks <= self.max_chunks:
+            return chunks
+        kept = TokenChunks(chunks.input_ids[: self.max_chunks], chunks.weights[: self.max_chunks], chunks.n_content_tokens)
+        capacity = self.max_chunks * (self.window - 2)
+        warnings.warn(
+            f"prompt truncated to {self.max_chunks} chunk(s) of {self.window} tokens: dropped "
+            f"{max(chunks.n_content_tokens - capacity, 0)} of {chunks.n_content_tokens} tokens of {text[:60]!r}",
+            stacklevel=4,
+        )
+        return kept
+
+    def _encode_group(
+        self, chunks_per_encoder: list[list[TokenChunks]], n_chunks: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode one batch of prompts with every encoder; concatenate hidden states, pool from encoder 2."""
+        hidden_parts, pooled = [], None
+        for tokenizer, encoder, group in zip(self.tokenizers, self.text_encoders, chunks_per_encoder):
+            filler = empty_chunk(tokenizer, self.window)
+            group = [pad_chunks(c, n_chunks, filler) for c in group]
+            ids = torch.cat([c.input_ids for c in group]).to(encoder.device)
+            weights = torch.stack([c.weights for c in group]).to(encoder.device)
+            output = encoder(ids, output_hidden_states=self.is_sdxl or self.clip_skip is not None)
+            states = self._select_layer(encoder, output).view(len(group), n_chunks, self.window, -1)
+            states = apply_emphasis(states, weights)
+            hidden_parts.append(states.reshape(len(group), n_chunks * self.window, -1))
+            if getattr(output, "text_embeds", None) is not None:
+                pooled = output.text_embeds.view(len(group), n_chunks, -1)[:, 0]
+        hidden = torch.cat(hidden_parts, dim=-1).to(self.text_encoders[-1].dtype)
+        return hidden, (None if pooled is None else pooled.to(hidden.dtype))
+
+    def _select_layer(self, encoder: nn.Module, output: Any) -> torch.Tensor:
+        if self.is_sdxl:
+            return output.hidden_states[-((self.clip_skip or 0) + 2)]
+        if self.clip_skip is None:
+            return output.last_hidden_state
+        text_model = getattr(encoder, "text_model", encoder)  # transformers 4.x nests it; 5.x does not
+        return text_model.final_layer_norm(output.hidden_states[-(self.clip_skip + 1)])
