@@ -96,7 +96,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
     return {
         "unet": unet,
         "scheduler": scheduler,

@@ -1,0 +1,182 @@
+"""Prompts + pipeline + conditioner → images, each with the metadata that reproduces it.
+
+Every image has its own seed (the request's, or `settings.seed + image index`) and its own
+torch.Generator, so an image does not depend on which batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from condkit.conditioning.base import Conditioner
+from condkit.pipelines.attach import attach
+
+
+@dataclass
+class PromptRequest:
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    batch_size: int = 4
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_images_per_prompt", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def expand_requests(requests: Iterable[PromptRequest], settings: GenerationSettings) -> list[PromptRequest]:
+    """One request per image, each with its final seed."""
+    jobs = []
+    for request in requests:
+        for copy in range(settings.num_images_per_prompt):
+            seed = request.seed + copy if request.seed is not None else settings.seed + len(jobs)
+            jobs.append(PromptRequest(request.prompt, request.negative_prompt, seed))
+    return jobs
+
+
+def generate(
+    pipe: Any,
+    conditioner: Conditioner,
+    requests: Iterable[PromptRequest],
+    settings: GenerationSettings | None = None,
+    progress: bool = True,
+    **pipeline_kwargs: Any,
+) -> list[GeneratedImage]:
+    """Generate one image per request and copy; extra keyword arguments go to the pipeline call."""
+    settings = settings or GenerationSettings()
+    jobs = expand_requests(requests, settings)
+    if not jobs:
+        raise ValueError("no prompts to generate")
+    device = pipe._execution_device
+    results: list[GeneratedImage] = []
+    bar = tqdm(total=len(jobs) * settings.steps, desc="generating", unit="step", disable=not progress)
+
+    def advance(_pipe, _step, _timestep, callback_kwargs):
+        bar.update(1)
+        return callback_kwargs
+
+    with attach(pipe, conditioner), bar:
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            negatives = None
+            if any(job.negative_prompt is not None for job in batch):
+                negatives = [job.negative_prompt or "" for job in batch]
+            with torch.no_grad():
+                conditioning = conditioner.encode([job.prompt for job in batch], negatives)
+            generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
+            images = pipe(
+                **conditioning.to(device).kwargs(),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=settings.height,
+                width=settings.width,
+                generator=generators,
+                callback_on_step_end=advance,
+                **pipeline_kwargs,
+            ).images
+            results += [GeneratedImage(image, job.prompt, job.negative_prompt, job.seed) for job, image in zip(batch, images)]
+    return results
+
+
+def describe_run(pipe: Any, conditioner_name: str, model_name: str, settings: GenerationSettings) -> dict[str, Any]:
+    unet_config = pipe.unet.config
+    default_size = unet_config.sample_size * pipe.vae_scale_factor
+    return {
+        "conditioner": conditioner_name,
+        "model": model_name,
+        "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "device": str(pipe._execution_device),
+        **asdict(settings),
+        "height": settings.height or default_size,
+        "width": settings.width or default_size,
+    }
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Fail early if `out_dir` cannot be created or written; creates nothing itself."""
+    folder = Path(out_dir)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output path {str(folder)!r} is not a folder ({str(existing)!r} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {str(folder)!r} is not writable")
+    return folder
+
+
+def save_results(
+    results: list[GeneratedImage], out_dir: str | os.PathLike, run: dict[str, Any], grid: bool = True
+) -> list[Path]:
+    """Write NNNNN_SEED.png + .json per image (atomically) and grid.png; returns the image paths."""
+    folder = check_writable(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, result in enumerate(results):
+        stem = folder / f"{index:05d}_{result.seed}"
+        metadata = {"prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed, **run}
+        result.metadata = metadata
+        _atomic_write(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
+        _atomic_write(stem.with_suffix(".json"), lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        paths.append(stem.with_suffix(".png"))
+    if grid and len(results) > 1:
+        columns = run.get("num_images_per_prompt", 1)
+        columns = columns if columns > 1 else math.ceil(math.sqrt(len(results)))
+        sheet = image_grid([r.image for r in results], columns)
+        _atomic_write(folder / "grid.png", lambda path: sheet.save(path, format="PNG"))
+    return paths
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,88 @@
+"""Load a StableDiffusion(XL) pipeline: the embedded shapes-world model, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "shapes_world" / "model"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto'/None picks cuda, then mps, then cpu; an explicit device must exist."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine (no CUDA); use --device cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 everywhere; float16 only on accelerators (CPU kernels for it are missing or slow)."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype float16 cannot run on device cpu; use float32 or bfloat16 there")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16")
+    return dtype
+
+
+def load_pipeline(model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None) -> Any:
+    """A diffusers pipeline ready to run: `model` None means the embedded shapes-world pipeline."""
+    from diffusers import DiffusionPipeline
+
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    source = Path(model) if model is not None else EMBEDDED_MODEL
+    if model is None and not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"the embedded model is missing at {source}; train it with `condkit world train`")
+    if _looks_like_path(str(source)):
+        if not source.is_dir():
+            raise FileNotFoundError(f"model folder {str(source)!r} does not exist")
+        if not (source / "model_index.json").is_file():
+            raise ValueError(f"{str(source)!r} is not a diffusers pipeline folder (no model_index.json)")
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=resolved_dtype)
+    else:
+        pipe = _from_hub(str(source), resolved_dtype)
+    has_text_encoder = getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
+    if getattr(pipe, "unet", None) is None or not has_text_encoder:
+        raise ValueError(f"{model!r} is a {type(pipe).__name__}, not a StableDiffusion or StableDiffusionXL pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(resolved_device)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Hub ids look like "owner/name"; anything else, or anything on disk, is a local path."""
+    return os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+    except Exception as error:  # offline, gated, missing: every cause gets the same one-line report
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"could not load hub model {repo_id!r} (no network or not in the local cache?): {first_line}"
+        ) from None
