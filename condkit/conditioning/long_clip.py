@@ -1,0 +1,219 @@
+"""Long-CLIP: CLIP text encoders with a longer position table (248 tokens instead of 77).
+
+Knowledge-preserved stretching (Zhang et al., Long-CLIP, 2024) keeps the first `keep` position rows,
+which CLIP learned well, and stretches the rest by linear interpolation so that a table of `L` rows
+becomes `ratio * L - (ratio - 1) * keep` rows (77 → 248 with keep=20, ratio=4). Row p >= keep reads
+the old table at s = keep + (p - keep) / ratio, interpolating between rows floor(s) and floor(s) + 1;
+the last `ratio - 1` rows lie past the old table and extrapolate its last step linearly.
+
+`LongCLIPConditioner` is `CLIPConditioner` with a 248-token window: same A1111 syntax, emphasis,
+BREAK and clip_skip. Prompts longer than one window are split into several 248-token windows that
+are concatenated along the token axis (as A1111 does with 77); `max_chunks=1` truncates instead and
+warns how many tokens were dropped.
+
+Padding is an explicit choice (`pad_token`): the released Long-CLIP pads with token id 0 ("!"),
+Hugging Face / Stable Diffusion tokenizers pad SD1.x with <|endoftext|>. Because the encoder is
+causal, states up to the end-of-text token do not depend on it, but the padded positions do, and
+the UNet attends to every position, so the two choices give different images.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from condkit.conditioning.base import register_conditioner
+from condkit.conditioning.clip import CLIPConditioner
+
+PadToken = Literal["eos", "zero"]
+LONG_CLIP_KEEP = 20
+LONG_CLIP_RATIO = 4
+
+
+def stretched_length(length: int, keep: int = LONG_CLIP_KEEP, ratio: int = LONG_CLIP_RATIO) -> int:
+    """Rows of a `length`-row table after stretching: ratio * length - (ratio - 1) * keep."""
+    _check_stretch(length, keep, ratio)
+    return ratio * length - (ratio - 1) * keep
+
+
+def stretch_position_table(
+    table: torch.Tensor, keep: int = LONG_CLIP_KEEP, ratio: int = LONG_CLIP_RATIO
+) -> torch.Tensor:
+    """Knowledge-preserved stretching of a (positions, dim) table; returns a new tensor."""
+    if table.ndim != 2:
+        raise ValueError(f"expected a (positions, dim) table, got shape {tuple(table.shape)}")
+    length = table.shape[0]
+    new_length = stretched_length(length, keep, ratio)
+    positions = torch.arange(keep, new_length, dtype=torch.float64, device=table.device)
+    source = keep + (positions - keep) / ratio
+    low = source.floor().clamp(max=length - 2).long()
+    fraction = (source - low).unsqueeze(-1)
+    old = table.detach().to(torch.float64)
+    stretched = (1 - fraction) * old[low] + fraction * old[low + 1]
+    return torch.cat([table.detach()[:keep], stretched.to(table.dtype)])
+
+
+def _check_stretch(length: int, keep: int, ratio: int) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratio must be an integer >= 1, got {ratio!r}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < length:
+        raise ValueError(f"keep must be an integer in [1, {length - 1}] for a {length}-position table, got {keep!r}")
+
+
+def text_embeddings(text_encoder: nn.Module) -> nn.Module:
+    """The CLIPTextEmbeddings of a CLIPTextModel(WithProjection), transformers 4.x or 5.x layout."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    embeddings = getattr(inner, "embeddings", None)
+    if embeddings is None or not hasattr(embeddings, "position_embedding"):
+        raise TypeError(f"expected a CLIP text model with embeddings.position_embedding, got {type(text_encoder).__name__}")
+    return embeddings
+
+
+def position_count(text_encoder: nn.Module) -> int:
+    """How many token positions a CLIP text model accepts."""
+    return text_embeddings(text_encoder).position_embedding.num_embeddings
+
+
+def stretch_text_model(
+    text_encoder: nn.Module, keep: int = LONG_CLIP_KEEP, ratio: int = LONG_CLIP_RATIO, *, inplace: bool = False
+) -> nn.Module:
+    """Stretch a CLIPTextModel(WithProjection)'s position table; returns a stretched copy (or, with
+    inplace=True, the same model changed in place).
+
+    Replaces embeddings.position_embedding with an nn.Embedding of the new size, resizes the
+    position_ids buffer and sets config.max_position_embeddings. Dtype, device and requires_grad
+    follow the original table.
+    """
+    model = text_encoder if inplace else copy.deepcopy(text_encoder)
+    embeddings = text_embeddings(model)
+    old = embeddings.position_embedding.weight
+    table = stretch_position_table(old, keep, ratio)
+    new_length = table.shape[0]
+    position_embedding = nn.Embedding(new_length, table.shape[1], device=table.device, dtype=table.dtype)
+    with torch.no_grad():
+        position_embedding.weight.copy_(table)
+    position_embedding.weight.requires_grad_(old.requires_grad)
+    embeddings.position_embedding = position_embedding
+    embeddings.position_ids = torch.arange(new_length, device=table.device).expand((1, -1))
+    for module in (model, getattr(model, "text_model", model)):
+        config = getattr(module, "config", None)
+        if config is not None:
+            config.max_position_embeddings = new_length
+    return model
+
+
+def stretch_tokenizer(tokenizer: Any, length: int, pad_token: PadToken | None = None, *, inplace: bool = False) -> Any:
+    """A copy of `tokenizer` (or the tokenizer itself with inplace=True) that pads and truncates to
+    `length` tokens; pad_token "eos" pads with <|endoftext|> (HF/SD), "zero" with token id 0
+    (Long-CLIP), None keeps the tokenizer's own pad token."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an integer >= 2 (room for BOS and EOS), got {length!r}")
+    if pad_token not in (None, "eos", "zero"):
+        raise ValueError(f"pad_token must be 'eos', 'zero' or None, got {pad_token!r}")
+    stretched = tokenizer if inplace else copy.deepcopy(tokenizer)
+    stretched.model_max_length = length
+    if pad_token == "eos":
+        stretched.pad_token = stretched.eos_token
+    elif pad_token == "zero":
+        stretched.pad_token = stretched.convert_ids_to_tokens(0)
+    return stretched
+
+
+@register_conditioner("long-clip")
+class LongCLIPConditioner(CLIPConditioner):
+    """CLIPConditioner over Long-CLIP text encoders: one window = the encoders' position count (248).
+
+    Args:
+        tokenizers, text_encoders: as CLIPConditioner; every encoder must accept the same number of
+            positions (stretched or converted Long-CLIP models).
+        clip_skip, zero_empty_negative: as CLIPConditioner.
+        max_chunks: None (default) splits long prompts into several windows; 1 truncates at one
+            window with a warning naming the number of dropped tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizers: list[Any],
+        text_encoders: list[nn.Module],
+        *,
+        clip_skip: int | None = None,
+        zero_empty_negative: bool = False,
+        max_chunks: int | None = None,
+    ) -> None:
+        windows = sorted({position_count(encoder) for encoder in text_encoders})
+        if len(windows) > 1:
+            raise ValueError(f"text encoders accept different numbers of positions {windows}; expected one window")
+        super().__init__(
+            tokenizers,
+            text_encoders,
+            clip_skip=clip_skip,
+            zero_empty_negative=zero_empty_negative,
+            max_chunks=max_chunks,
+            window=windows[0] if windows else None,
+        )
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        text_encoder_path: str | Path | None = None,
+        *,
+        keep: int = LONG_CLIP_KEEP,
+        ratio: int = LONG_CLIP_RATIO,
+        pad_token: PadToken | None = None,
+        **options: Any,
+    ) -> LongCLIPConditioner:
+        """Long-CLIP conditioning for a StableDiffusion(XL) pipeline, leaving the pipeline untouched.
+
+        With no `text_encoder_path` every encoder is a stretched copy of the pipeline's own. With a
+        path (a folder from `convert_longclip_checkpoint`, or any Hugging Face CLIP text model folder
+        with more positions), that model replaces the first encoder (CLIP-L, for SD1.x and SDXL) and
+        SDXL's second encoder is stretched, as the Long-CLIP SDXL demo does. The tokenizer comes from
+        the folder's tokenizer/ when present, else from the pipeline. `pad_token`: see
+        `stretch_tokenizer`; None keeps each tokenizer's own (SD1.x: <|endoftext|>; SDXL's second: "!").
+        """
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+            options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
+        elif getattr(pipe, "text_encoder", None) is not None:
+            pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        else:
+            raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to replace")
+
+        tokenizers, encoders = [], []
+        for index, (tokenizer, encoder) in enumerate(pairs):
+            if index == 0 and text_encoder_path is not None:
+                tokenizer, encoder = _load_long_text_encoder(Path(text_encoder_path), like=encoder, tokenizer=tokenizer)
+            else:
+                encoder = stretch_text_model(encoder, keep, ratio)
+            tokenizers.append(stretch_tokenizer(tokenizer, position_count(encoder), pad_token))
+            encoders.append(encoder)
+        return cls(tokenizers, encoders, **options)
+
+
+def _load_long_text_encoder(path: Path, like: nn.Module, tokenizer: Any) -> tuple[Any, nn.Module]:
+    """Load a Long-CLIP text model as the class of the pipeline encoder it replaces, on its device/dtype."""
+    if (path / "text_encoder" / "config.json").is_file():
+        model_dir, tokenizer_dir = path / "text_encoder", path / "tokenizer"
+    elif (path / "config.json").is_file():
+        model_dir, tokenizer_dir = path, path
+    else:
+        raise FileNotFoundError(f"no Long-CLIP text encoder in {path}: expected text_encoder/config.json or config.json")
+    encoder = type(like).from_pretrained(model_dir).to(device=like.device, dtype=like.dtype).eval()
+    if encoder.config.hidden_size != like.config.hidden_size:
+        raise ValueError(
+            f"text encoder in {model_dir} has hidden size {encoder.config.hidden_size}; the pipeline's encoder it "
+            f"replaces has {like.config.hidden_size}"
+        )
+    if position_count(encoder) <= position_count(like):
+        raise ValueError(
+            f"text encoder in {model_dir} has {position_count(encoder)} positions; a Long-CLIP encoder has more "
+            f"than the pipeline's {position_count(like)}"
+        )
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        tokenizer = type(tokenizer).from_pretrained(tokenizer_dir)
+    return tokenizer, encoder
