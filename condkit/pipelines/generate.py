@@ -149,7 +149,7 @@ def save_results(
     paths = []
     for index, result in enumerate(results):
         stem = folder / f"{index:05d}_{result.seed}"
-        metadata = {"prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed, **run}
+        metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed}
         result.metadata = metadata
         _atomic_write(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
         _atomic_write(stem.with_suffix(".json"), lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
