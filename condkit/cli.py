@@ -50,6 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(generate)
     _add_sampling_options(generate, steps=25, guidance=7.5)
     generate.set_defaults(handler=run_generate)
+
+    evaluate = commands.add_parser("eval", help="score a conditioner on shapes-world prompt sets",
+                                   description="Generate N images per prompt of a shapes-world prompt set and score them with the exact pixel scorer.")
+    evaluate.add_argument("--prompt-set", default="short", help="short, compositional, long, or a .jsonl file of {prompt, spec} (default: short)")
+    evaluate.add_argument("-n", "--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    evaluate.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    evaluate.add_argument("--out", default=None, help="folder for eval.json and grid.png (default: outputs/eval-SET-CONDITIONER)")
+    _add_model_options(evaluate)
+    _add_sampling_options(evaluate, steps=25, guidance=5.0)
+    evaluate.set_defaults(handler=run_eval)
+
+    world = commands.add_parser("world", help="the embedded shapes world")
+    world_commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+    train_world = world_commands.add_parser("train", help="train the shapes-world pipeline (resumable)",
+                                            description="Train the shapes world's pipeline: tokenizer → clip → vae → unet → assemble.")
+    train_world.add_argument("--out", default="runs/world", help="checkpoint folder (default: runs/world)")
+    train_world.add_argument("--model-dir", default=None, help="where to write the pipeline (default: the shipped model folder)")
+    train_world.add_argument("--scale", default="full", choices=("full", "tiny"), help="full recipe or a tiny smoke run")
+    train_world.add_argument("--stages", default=None, help="comma-separated subset of tokenizer,clip,vae,unet,assemble")
+    train_world.add_argument("--seed", type=int, default=0)
+    train_world.add_argument("--no-resume", action="store_true", help="start over instead of resuming checkpoints")
+    train_world.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_world.set_defaults(handler=run_world_train)
     return parser
 
 
@@ -76,6 +99,39 @@ def run_generate(args: argparse.Namespace) -> None:
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from condkit.conditioning.base import get_conditioner_class
+    from condkit.pipelines.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
+    from condkit.pipelines.generate import GenerationSettings, check_writable, describe_run
+    from condkit.pipelines.loading import load_pipeline
+
+    if args.images_per_prompt <= 0:
+        raise ValueError(f"-n/--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
+    load_captions(args.prompt_set)
+    settings = GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                                  height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
+    conditioner_class = get_conditioner_class(args.conditioner)
+    out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{args.conditioner}")
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    conditioner = conditioner_class.from_pipeline(pipe, **_conditioner_options(args))
+    report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
+                                 progress=not args.quiet, limit=args.limit)
+    run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
+    path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
+    print(table_text(report))
+    if not args.quiet:
+        print(f"wrote {path} and {path.parent / 'grid.png'}")
+
+
+def run_world_train(args: argparse.Namespace) -> None:
+    from condkit.shapes_world.recipe import STAGES, train_world
+
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    model_dir = train_world(args.out, scale=args.scale, stages=stages, resume=not args.no_resume, seed=args.seed,
+                            progress=not args.quiet, model_dir=args.model_dir)
+    print(f"pipeline written to {model_dir}")
 
 
 def _requests_from_args(args: argparse.Namespace, PromptRequest: Any, read_prompts_file: Callable) -> list:
