@@ -56,10 +56,10 @@ SCALES: dict[str, RecipeScale] = {
         pool_size=30_000,
         held_out_size=1024,
         clip=ClipScale(width=128, layers=4, heads=4, steps=500, batch_size=96, learning_rate=5e-4, checkpoint_every=50),
-        vae=VaeScale(channels=(16, 32, 64), steps=1200, batch_size=32, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=100),
+        vae=VaeScale(channels=(16, 32, 64), steps=800, batch_size=32, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=100),
         unet=UnetScale(
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
-            steps=4800, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
+            steps=4000, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
     ),
 }
