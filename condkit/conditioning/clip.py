@@ -120,18 +120,14 @@ class CLIPConditioner(Conditioner):
         if negatives is None and not zero_negative:
             negatives = [""] * len(prompts)
 
-        texts = {"positive": prompts, "negative": negatives or []}
-        chunked = {
-            side: [[self._limit(chunk_prompt(tok, text, self.window), text) for text in side_texts] for tok in self.tokenizers]
-            for side, side_texts in texts.items()
-        }
-        n_chunks = max(c.n_chunks for per_encoder in chunked.values() for group in per_encoder for c in group)
-        embeds, pooled = self._encode_group(chunked["positive"], n_chunks)
+        positive, negative = self._chunk(prompts), self._chunk(negatives or [])
+        n_chunks = max(c.n_chunks for side in (positive, negative) for group in side for c in group)
+        embeds, pooled = self._encode_group(positive, n_chunks)
         if zero_negative:
             negative_embeds = torch.zeros_like(embeds)
             negative_pooled = None if pooled is None else torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self._encode_group(chunked["negative"], n_chunks)
+            negative_embeds, negative_pooled = self._encode_group(negative, n_chunks)
 
         def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.repeat_interleave(num_images_per_prompt, dim=0)
@@ -142,6 +138,15 @@ class CLIPConditioner(Conditioner):
             pooled_prompt_embeds=repeat(pooled),
             negative_pooled_prompt_embeds=repeat(negative_pooled),
         )
+
+    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states (and SDXL's pooled vector) of prompts alone, no negatives: for training."""
+        chunked = self._chunk(prompts)
+        return self._encode_group(chunked, max(c.n_chunks for group in chunked for c in group))
+
+    def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
+        """texts → one list of TokenChunks per encoder."""
+        return [[self._limit(chunk_prompt(tok, text, self.window), text) for text in texts] for tok in self.tokenizers]
 
     def _limit(self, chunks: TokenChunks, text: str) -> TokenChunks:
         if self.max_chunks is None or chunks.n_chunks <= self.max_chunks:
