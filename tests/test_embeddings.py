@@ -128,6 +128,26 @@ def test_every_format_round_trips_bit_exactly(tmp_path, format, filename, sdxl, 
     assert read_embedding(written[0], token="<renamed>").token == "<renamed>"
 
 
+def test_a_second_file_under_another_token_is_not_taken_for_the_sdxl_pair(tmp_path):
+    (first,) = write_embedding(sd_embedding(token="<v1>"), tmp_path / "style.safetensors", "diffusers")
+    (second,) = write_embedding(sd_embedding(token="<v2>"), tmp_path / "style_2.safetensors", "diffusers")
+    assert detect_format(first) == detect_format(second) == "diffusers"
+    assert read_embedding(second).token == "<v2>"
+
+
+def test_a_tokenizer_shared_by_two_encoders_gets_each_token_once():
+    pipe = tiny_sdxl_pipeline(0)
+    embedding = sdxl_embedding(n_vectors=2)
+    size = len(pipe.tokenizer)
+
+    load_embedding(([pipe.tokenizer, pipe.tokenizer], [pipe.text_encoder, pipe.text_encoder_2]), embedding)
+
+    assert len(pipe.tokenizer) == size + 2
+    ids = pipe.tokenizer.convert_tokens_to_ids(embedding.token_names)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], embedding.vectors[0])
+    assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[ids], embedding.vectors[1])
+
+
 def test_sdxl_single_file_keys_are_clip_l_then_clip_g_and_load_into_encoders_1_and_2(tmp_path):
     clip_l, clip_g = torch.full((2, WIDTH), 1.0), torch.full((2, WIDTH), 2.0)
     path = tmp_path / "style.safetensors"

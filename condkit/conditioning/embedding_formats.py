@@ -26,6 +26,7 @@ replace an existing file unless overwrite=True.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -51,7 +52,8 @@ A1111_PLACEHOLDER_ID = 265
 class LearnedEmbedding:
     """One token's learned vectors: `vectors[i]` is an (n_vectors, width) tensor for text encoder i.
 
-    SDXL embeddings have two entries: clip_l (encoder 1) first, clip_g (encoder 2) second.
+    SDXL embeddings have two entries: clip_l (encoder 1) first, clip_g (encoder 2) second. `step` is
+    the training step A1111 files record (None where the format has no such field).
     """
 
     token: str
@@ -222,14 +224,13 @@ def _read(path: Path, token: str | None) -> tuple[str, LearnedEmbedding]:
     data = _load_flat_or_pickled(path)
     format = _classify(data, path)
     if format == "diffusers":
-        pair = _diffusers_pair(path, data)
-        if pair is not None:
-            first, second = pair
-            name, vector_1 = _single_item(_load_flat_or_pickled(first))
-            _, vector_2 = _single_item(_load_flat_or_pickled(second))
-            return "diffusers_sdxl", LearnedEmbedding(token or name, [vector_1, vector_2])
-        name, vector = _single_item(data)
-        return format, LearnedEmbedding(token or name, [vector])
+        name, vectors = _single_item(data)
+        partner = _diffusers_sdxl_partner(path, name)
+        if partner is None:
+            return format, LearnedEmbedding(token or name, [vectors])
+        partner_is_second, partner_vectors = partner
+        pair = [vectors, partner_vectors] if partner_is_second else [partner_vectors, vectors]
+        return "diffusers_sdxl", LearnedEmbedding(token or name, pair)
     if format == "a1111":
         return format, _from_a1111(data, path, token)
     stem_token = token or path.stem
@@ -263,8 +264,11 @@ def _load_flat_or_pickled(path: Path) -> Any:
 
 
 def _load_pickle_safely(path: Path) -> Any:
+    # nn.ParameterDict is rebuilt from plain data; torch < 2.5 has no scoped allow-list, so it is refused there.
+    allow_parameter_dict = getattr(torch.serialization, "safe_globals", None)
+    scope = allow_parameter_dict([torch.nn.ParameterDict]) if allow_parameter_dict else contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+        with scope:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -299,19 +303,19 @@ def _classify(data: Any, path: Path) -> str:
     )
 
 
-def _diffusers_pair(path: Path, data: dict[str, Any]) -> tuple[Path, Path] | None:
-    """The two files of diffusers' SDXL layout when `path` is either of them and both hold the same token."""
-    if path.stem.endswith(SECOND_FILE_MARK):
-        first, second = path.with_name(path.stem[: -len(SECOND_FILE_MARK)] + path.suffix), path
-    else:
-        first, second = path, _second_file(path)
-    other = second if first == path else first
-    if not other.is_file():
+def _diffusers_sdxl_partner(path: Path, name: str) -> tuple[bool, torch.Tensor] | None:
+    """The other file of diffusers' SDXL layout (learned_embeds + learned_embeds_2) if it holds the same token.
+
+    Returns whether the partner is the second file, and its vectors.
+    """
+    is_second = path.stem.endswith(SECOND_FILE_MARK)
+    partner = path.with_name(path.stem[: -len(SECOND_FILE_MARK)] + path.suffix) if is_second else _second_file(path)
+    if not partner.is_file():
         return None
-    other_data = _load_flat_or_pickled(other)
-    if not isinstance(other_data, dict) or set(other_data) != set(data):
+    data = _load_flat_or_pickled(partner)
+    if not isinstance(data, dict) or set(data) != {name}:
         return None
-    return first, second
+    return not is_second, data[name]
 
 
 def _single_item(data: dict[str, Any]) -> tuple[str, torch.Tensor]:
@@ -327,6 +331,6 @@ def _from_a1111(data: dict[str, Any], path: Path, token: str | None) -> LearnedE
         raise ValueError(f"A1111 embedding {path} has an empty or malformed 'string_to_param'; expected {{'*': tensor}}")
     vectors = parameters.get("*", next(iter(parameters.values())))
     stored_name = data.get("name")
-    name = token or (stored_name if isinstance(stored_name, str) and stored_name.strip() else path.stem)
+    name = token or (stored_name.strip() if isinstance(stored_name, str) and stored_name.strip() else path.stem)
     step = data.get("step")
-    return LearnedEmbedding(name.strip(), [vectors], step=step if isinstance(step, int) else None)
+    return LearnedEmbedding(name, [vectors], step=step if isinstance(step, int) else None)

@@ -56,7 +56,8 @@ def load_embedding(
     names = embedding.token_names
     for tokenizer, encoder, vectors in zip(tokenizers, encoders, embedding.vectors):
         fix_pooled_eos(encoder, tokenizer)
-        if any(name not in tokenizer.get_vocab() for name in names):
+        vocabulary = tokenizer.get_vocab()
+        if any(name not in vocabulary for name in names):  # a tokenizer shared by two encoders is filled once
             tokenizer.add_tokens(names)
         ids = tokenizer.convert_tokens_to_ids(names)
         _set_rows(encoder, ids, vectors)
