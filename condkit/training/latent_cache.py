@@ -1,0 +1,125 @@
+"""VAE latents of a dataset's images, encoded once and reused every epoch.
+
+The cache is keyed by image index and fills lazily, one fixed chunk of indices at a time: asking
+for index i encodes the whole chunk i // chunk_size. Fixed chunks make every image's latents
+bit-identical however the indices are first asked for (an interrupted and resumed run, another
+number of processes), because the VAE always sees the same groups.
+
+What is cached is the latent distribution (mean and std), so each epoch still draws a fresh
+latent sample, as training without a cache would. Dataset items are read once, when their chunk
+is encoded; the caption read then is the one used for the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+Dataset = Sequence[Any]
+
+
+def read_item(item: Any, index: int) -> tuple[Any, str]:
+    """(image, caption) from an (image, caption) pair or a mapping with "image" and "caption" keys."""
+    if isinstance(item, Mapping) and "image" in item and "caption" in item:
+        return item["image"], item["caption"]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise TypeError(
+        f"dataset item {index} is a {type(item).__name__}; expected an (image, caption) pair or a mapping with "
+        "'image' and 'caption' keys"
+    )
+
+
+def to_pixels(image: Any, resolution: int | None, index: int) -> torch.Tensor:
+    """A (3, H, W) float tensor in [-1, 1] from a PIL image, a uint8 HWC array or a float CHW tensor in [0, 1].
+
+    With a resolution, the shorter side is resized to it and the centre cropped to a square.
+    """
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        if resolution is not None and image.size != (resolution, resolution):
+            scale = resolution / min(image.size)
+            resized = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(resized, Image.BILINEAR)
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"dataset image {index} is an array of dtype {image.dtype} and shape {image.shape}; expected uint8 (H, W, 3)"
+            )
+        image = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        described = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"dataset image {index} is {described}; expected a PIL image, uint8 (H, W, 3) or float (3, H, W)")
+    if resolution is not None and tuple(image.shape[1:]) != (resolution, resolution):
+        image = torch.nn.functional.interpolate(image[None].float(), size=(resolution, resolution), mode="bilinear")[0]
+    return image.float() * 2.0 - 1.0
+
+
+class LatentCache:
+    """Latent distributions and captions of dataset images, by index."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        dataset: Dataset,
+        *,
+        resolution: int | None = None,
+        chunk_size: int = 8,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.vae = vae
+        self.dataset = dataset
+        self.resolution = resolution
+        self.chunk_size = chunk_size
+        self.device = torch.device(device)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self._distributions: dict[int, torch.Tensor] = {}
+        self._captions: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._distributions)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._distributions
+
+    def sample(self, indices: torch.Tensor, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents drawn from each image's distribution with its generator, and the captions."""
+        for index in indices.tolist():
+            if index not in self._distributions:
+                self._encode_chunk(index // self.chunk_size)
+        latents = []
+        for index, generator in zip(indices.tolist(), generators):
+            mean, std = self._distributions[index]
+            latent = mean + std * torch.randn(mean.shape, generator=generator)
+            latents.append((latent - self.shift_factor) * self.scaling_factor)
+        return torch.stack(latents), [self._captions[index] for index in indices.tolist()]
+
+    @torch.no_grad()
+    def _encode_chunk(self, chunk: int) -> None:
+        indices = range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, len(self.dataset)))
+        pixels, captions = [], []
+        for index in indices:
+            image, caption = read_item(self.dataset[index], index)
+            if not isinstance(caption, str):
+                raise TypeError(f"dataset item {index} has a caption of type {type(caption).__name__}; expected str")
+            pixels.append(to_pixels(image, self.resolution, index))
+            captions.append(caption)
+        sizes = {tuple(p.shape) for p in pixels}
+        if len(sizes) > 1:
+            raise ValueError(f"dataset images {indices.start}-{indices.stop - 1} have sizes {sorted(sizes)}; set a resolution")
+        batch = torch.stack(pixels).to(device=self.device, dtype=self.vae.dtype)
+        distribution = self.vae.encode(batch).latent_dist
+        stacked = torch.stack([distribution.mean, distribution.std], dim=1).float().cpu()
+        for index, caption, both in zip(indices, captions, stacked):
+            self._distributions[index] = both
+            self._captions[index] = caption

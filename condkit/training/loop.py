@@ -1,0 +1,442 @@
+"""The denoising training loop every condkit training method runs on.
+
+    config = TrainingConfig(output_dir="runs/ti", max_train_steps=3000, learning_rate=5e-4,
+                            gradient_accumulation_steps=4, checkpointing_steps=500)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+
+`method` is a `TrainingMethod` (see condkit.training.method); `dataset` is any indexable of
+(image, caption) pairs or of mappings with "image" and "caption" keys. Each step the loop draws
+images, takes their latents from the cache (the VAE encodes each image once), adds noise at
+random timesteps (DDPM forward process of the scheduler's betas), asks the method for the UNet
+prediction and regresses it on the target the scheduler's prediction_type names (epsilon,
+v_prediction or sample). The method's trainable parameters are optimised with AdamW under
+accelerate: mixed precision, gradient accumulation and several processes (`torchrun` or
+`accelerate launch`; gradients are averaged across processes, so results do not depend on how a
+step's samples are split between processes and micro-batches).
+
+Checkpoints (see condkit.training.checkpoint) make runs resumable exactly: the loss curve after a
+resume equals the uninterrupted one. A NaN or infinite loss or gradient stops the run with
+`NonFiniteLossError` before anything bad is saved. The loop never changes the dtype of the
+modules it is given: cast a frozen UNet to fp16/bf16 yourself to save memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import SchedulerType, get_scheduler
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .latent_cache import Dataset, LatentCache
+from .method import MethodOutput, TrainingBatch, TrainingMethod
+from .sampling import DataOrder, sample_generator
+
+__all__ = [
+    "MethodOutput",
+    "NonFiniteLossError",
+    "TrainingBatch",
+    "TrainingConfig",
+    "TrainingMethod",
+    "TrainingResult",
+    "train",
+]
+
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Schedules whose learning rate at a step does not depend on max_train_steps; with these a run
+# may be resumed with a larger max_train_steps.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+ValidationCallback = Callable[[int, TrainingMethod], Sequence[Image.Image] | None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; nothing after the last good checkpoint was saved."""
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of a run; names follow the diffusers training examples.
+
+    train_batch_size is per process. resume_from_checkpoint: None starts a fresh run (refused if
+    output_dir already holds checkpoints), "latest" continues from the newest checkpoint in
+    output_dir (or starts fresh if there is none), a path continues from that checkpoint.
+    mixed_precision "auto" means bf16 on a GPU that supports it, else fp16 on a GPU, "no" on CPU.
+    """
+
+    output_dir: str | Path
+    max_train_steps: int
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    noise_offset: float = 0.0
+    resolution: int | None = None
+    mixed_precision: str = "auto"
+    seed: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | Path | None = None
+    validation_steps: int | None = None
+    show_progress: bool = True
+    vae_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "vae_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("checkpoints_total_limit", "validation_steps", "resolution"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be non-negative, got {self.lr_warmup_steps}")
+        schedules = [schedule.value for schedule in SchedulerType]
+        if self.lr_scheduler not in schedules:
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; expected one of {', '.join(schedules)}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; expected one of {', '.join(MIXED_PRECISIONS)}")
+        if self.noise_offset < 0:
+            raise ValueError(f"noise_offset must be non-negative, got {self.noise_offset}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        self.output_dir = Path(self.output_dir)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+@dataclass
+class TrainingResult:
+    """What a call to `train` did. losses[i] is the mean loss of step first_step + i + 1."""
+
+    output_dir: Path
+    first_step: int
+    last_step: int
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    validation_dirs: list[Path] = field(default_factory=list)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    return requested
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    # accelerate only joins a torchrun launch on a machine without GPUs when asked for the CPU.
+    launched_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=launched_on_cpu)
+
+
+def train(
+    method: TrainingMethod,
+    unet: nn.Module,
+    vae: nn.Module,
+    noise_scheduler: Any,
+    dataset: Dataset,
+    config: TrainingConfig,
+    *,
+    validate: ValidationCallback | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainingResult:
+    """Train `method` on `dataset` with the denoising loss; see the module docstring.
+
+    validate(step, method) is called on the main process every config.validation_steps steps (if
+    set) and at the end, without gradients and with the method in eval mode; the images it returns are
+    saved as PNGs under output_dir/validation/step-NNNNNN/. It cannot change the training curve:
+    the generator states are restored after it.
+    """
+    return _TrainingRun(method, unet, vae, noise_scheduler, dataset, config, validate, accelerator).run()
+
+
+class _TrainingRun:
+    def __init__(
+        self,
+        method: TrainingMethod,
+        unet: nn.Module,
+        vae: nn.Module,
+        noise_scheduler: Any,
+        dataset: Dataset,
+        config: TrainingConfig,
+        validate: ValidationCallback | None,
+        accelerator: Accelerator | None,
+    ) -> None:
+        if not isinstance(method, TrainingMethod):
+            raise TypeError(f"method must be a condkit TrainingMethod, got {type(method).__name__}")
+        self.config = config
+        self.validate = validate
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.accelerator.num_processes != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes but the accelerator sees {self.accelerator.num_processes}; "
+                "every process would train alone on the full data"
+            )
+        if accelerator is not None and config.mixed_precision not in ("auto", accelerator.mixed_precision):
+            raise ValueError(
+                f"config.mixed_precision is {config.mixed_precision!r} but the accelerator given uses "
+                f"{accelerator.mixed_precision!r}; set one of them to match"
+            )
+        self.prediction_type = noise_scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}"
+            )
+        # Training always uses the DDPM forward process of the pipeline scheduler's betas.
+        self.noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+
+        self.method = method
+        self.parameters = method.trainable_parameters()
+        if not self.parameters:
+            raise ValueError(f"{method.method_name} has no trainable parameters (none requires grad)")
+        device = self.accelerator.device
+        if not any(module is unet for module in method.modules()):
+            unet.requires_grad_(False)
+        self.unet = unet.to(device)
+        vae.requires_grad_(False).eval().to(device)
+        self.latents = LatentCache(
+            vae, dataset, resolution=config.resolution, chunk_size=config.vae_batch_size, device=device
+        )
+
+        processes = self.accelerator.num_processes
+        self.order = DataOrder(
+            len(dataset), config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.parameters,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
+        )
+        self.fingerprint = self._fingerprint(len(dataset))
+        self.resume_from = self._checkpoint_to_resume()
+        self.start_step = 0
+        if self.resume_from is not None:
+            # Only the fingerprint check reads the checkpoint before anything is changed or written.
+            state = ckpt.read_state(self.resume_from)
+            ckpt.check_same_run(self.resume_from, state["fingerprint"], self.fingerprint)
+            self.method.load_trainable_state_dict(
+                {name: tensor.to(device) for name, tensor in ckpt.load_trainable(self.resume_from).items()}
+            )
+            ckpt.load_stateful(self.resume_from, ckpt.OPTIMIZER_FILE, self.optimizer)
+            ckpt.load_stateful(self.resume_from, ckpt.LR_SCHEDULER_FILE, self.lr_scheduler)
+            self.order.load_state_dict(state["data_order"])
+            self.start_step = int(state["step"])
+        self.model, self.optimizer = self.accelerator.prepare(method, self.optimizer)
+        if self.resume_from is not None and self.accelerator.scaler is not None:
+            ckpt.load_stateful(self.resume_from, ckpt.SCALER_FILE, self.accelerator.scaler)
+
+    def _fingerprint(self, dataset_size: int) -> dict[str, Any]:
+        """What must be equal between a checkpoint and this run for the resume to continue the same curve."""
+        config = asdict(self.config)
+        key_config = {
+            name: config[name]
+            for name in (
+                "seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+                "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                "max_grad_norm", "noise_offset", "resolution",
+            )
+        }  # fmt: skip
+        if self.config.lr_scheduler not in LENGTH_FREE_SCHEDULES:
+            key_config["max_train_steps"] = self.config.max_train_steps
+        return {
+            "method": self.method.method_name,
+            "settings": _json_roundtrip(self.method.settings()),
+            "trainable": {name: list(tensor.shape) for name, tensor in self.method.trainable_state_dict().items()},
+            "prediction_type": self.prediction_type,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "num_processes": self.accelerator.num_processes,
+            "dataset_size": dataset_size,
+            **key_config,
+        }
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        requested = self.config.resume_from_checkpoint
+        existing = ckpt.list_checkpoints(self.config.checkpoints_dir)
+        if requested is None:
+            if existing:
+                raise ValueError(
+                    f"{self.config.output_dir} already holds checkpoints (latest {existing[-1].name}); pass "
+                    "resume_from_checkpoint='latest' to continue that run or choose another output_dir"
+                )
+            return None
+        if requested == "latest":
+            return existing[-1] if existing else None
+        return Path(requested)
+
+    def run(self) -> TrainingResult:
+        config = self.config
+        result = TrainingResult(Path(config.output_dir), self.start_step, self.start_step, last_checkpoint=self.resume_from)
+        if self.resume_from is not None:
+            ckpt.load_rng_state(self.resume_from, self.accelerator.process_index)
+        else:
+            set_seed(config.seed, device_specific=True)
+        self.method.train()
+        bar = tqdm(
+            total=config.max_train_steps,
+            initial=self.start_step,
+            desc="training",
+            disable=not (config.show_progress and self.accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        try:
+            for step in range(self.start_step, config.max_train_steps):
+                loss = self._optimizer_step(step, result.last_checkpoint)
+                done = step + 1
+                result.losses.append(loss)
+                result.last_step = done
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                final = done == config.max_train_steps
+                if done % config.checkpointing_steps == 0 or final:
+                    result.last_checkpoint = self._save_checkpoint(done)
+                if self.validate is not None and (final or (config.validation_steps and done % config.validation_steps == 0)):
+                    folder = self._run_validation(done)
+                    if folder is not None:
+                        result.validation_dirs.append(folder)
+        finally:
+            bar.close()
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        return result
+
+    def _optimizer_step(self, step: int, last_checkpoint: Path | None) -> float:
+        config = self.config
+        accumulation = config.gradient_accumulation_steps
+        micro_size = config.train_batch_size * self.accelerator.num_processes
+        indices, first_sample = self.order.next_step()
+        step_loss = 0.0
+        for micro in range(accumulation):
+            start = micro * micro_size + self.accelerator.process_index * config.train_batch_size
+            mine = indices[start : start + config.train_batch_size]
+            numbers = range(first_sample + start, first_sample + start + len(mine))
+            last_micro = micro == accumulation - 1
+            sync = contextlib.nullcontext() if last_micro else self.accelerator.no_sync(self.model)
+            with sync:
+                loss = self._micro_batch_loss(step, mine, numbers)
+                mean_loss = self._mean_over_processes(loss)
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(
+                        f"loss is {mean_loss} at step {step + 1} (images {mine.tolist()}); training stopped, "
+                        f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+                    )
+                self.accelerator.backward(loss / accumulation)
+            step_loss += mean_loss / accumulation
+        grad_norm = self.accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and self.accelerator.scaler is None:
+            raise NonFiniteLossError(
+                f"gradient norm is {float(grad_norm)} at step {step + 1}; training stopped, the last good "
+                f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+            )
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step(step + 1)
+        return step_loss
+
+    def _micro_batch_loss(self, step: int, indices: torch.Tensor, sample_numbers: range) -> torch.Tensor:
+        generators = [sample_generator(self.config.seed, number) for number in sample_numbers]
+        latents, captions = self.latents.sample(indices, generators)
+        shape = latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        timesteps = torch.cat([torch.randint(self.num_train_timesteps, (1,), generator=g) for g in generators])
+        if self.config.noise_offset:
+            # Drawn last so that the base noise is the same with and without an offset.
+            offsets = torch.stack([torch.randn((shape[0], 1, 1), generator=g) for g in generators])
+            noise = noise + self.config.noise_offset * offsets
+        device = self.accelerator.device
+        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        batch = TrainingBatch(indices=indices, captions=captions, latents=latents, noise=noise, step=step)
+        output = self.model(self.unet, batch, noisy, timesteps)
+        if not isinstance(output, MethodOutput):
+            output = MethodOutput(prediction=output)
+        loss = F.mse_loss(output.prediction.float(), self._target(latents, noise, timesteps).float())
+        if output.extra_loss is not None:
+            loss = loss + output.extra_loss
+        return loss
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return latents
+
+    def _mean_over_processes(self, loss: torch.Tensor) -> float:
+        if self.accelerator.num_processes == 1:
+            return loss.item()
+        # Every process sees the same value, so a NaN on one stops all of them together.
+        return self.accelerator.reduce(loss.detach().clone(), reduction="mean").item()
+
+    def _save_checkpoint(self, step: int) -> Path:
+        state = {"step": step, "data_order": self.order.state_dict(), "fingerprint": self.fingerprint}
+        objects = {ckpt.OPTIMIZER_FILE: self.optimizer, ckpt.LR_SCHEDULER_FILE: self.lr_scheduler}
+        if self.accelerator.scaler is not None:
+            objects[ckpt.SCALER_FILE] = self.accelerator.scaler
+        path = ckpt.write_checkpoint(
+            self.accelerator, self.config.checkpoints_dir, step, state, self.method.trainable_state_dict(), objects
+        )
+        if self.config.checkpoints_total_limit and self.accelerator.is_main_process:
+            ckpt.prune_checkpoints(self.config.checkpoints_dir, self.config.checkpoints_total_limit)
+        return path
+
+    def _run_validation(self, step: int) -> Path | None:
+        folder = None
+        if self.accelerator.is_main_process:
+            generators = ckpt.capture_rng_state()
+            self.method.eval()
+            try:
+                with torch.no_grad():
+                    images = self.validate(step, self.method)
+            finally:
+                self.method.train()
+                ckpt.restore_rng_state(generators)
+            if images:
+                folder = Path(self.config.output_dir) / "validation" / ckpt.checkpoint_name(step)
+                folder.mkdir(parents=True, exist_ok=True)
+                for number, image in enumerate(images):
+                    image.save(folder / f"{number:02d}.png")
+        self.accelerator.wait_for_everyone()
+        return folder
+
+
+def _json_roundtrip(value: Any) -> Any:
+    """The value as it reads back from state.json (tuples become lists), so comparisons are fair."""
+    return json.loads(json.dumps(value))

@@ -1,0 +1,386 @@
+"""The shared denoising loop on the tiny offline SD components and solid-colour images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import tiny_sd_components
+from torch import nn
+from train_loop_ddp_script import CaptionOffset, colour_dataset, ddp_config
+
+from condkit.training.checkpoint import TRAINABLE_FILE, list_checkpoints
+from condkit.training.loop import MethodOutput, NonFiniteLossError, TrainingConfig, TrainingMethod, train
+
+STEPS = 6
+CHECKPOINT_EVERY = 3
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict:
+    return tiny_sd_components(0)
+
+
+def offset_method(parts: dict, caption_dropout: float = 0.5, tokens: int = 77) -> CaptionOffset:
+    torch.manual_seed(0)
+    return CaptionOffset(parts["tokenizer"], parts["text_encoder"], caption_dropout=caption_dropout, tokens=tokens)
+
+
+def reference_config(output_dir: Path, **changes) -> TrainingConfig:
+    """8 images, 2 per step: 4 steps an epoch, so the checkpoint at step 3 falls mid-epoch."""
+    settings = dict(
+        output_dir=output_dir,
+        max_train_steps=STEPS,
+        train_batch_size=2,
+        learning_rate=1e-2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        checkpointing_steps=CHECKPOINT_EVERY,
+        seed=3,
+        show_progress=False,
+    )
+    return TrainingConfig(**{**settings, **changes})
+
+
+def run(parts: dict, method: TrainingMethod, config: TrainingConfig, scheduler=None, **options):
+    scheduler = scheduler or parts["scheduler"]
+    return train(method, parts["unet"], parts["vae"], scheduler, colour_dataset(), config, **options)
+
+
+@pytest.fixture(scope="module")
+def reference(parts: dict, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted run with caption dropout (global RNG), a cosine schedule and two checkpoints."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    method = offset_method(parts)
+    result = run(parts, method, reference_config(output_dir))
+    return result, method.offset.detach().clone()
+
+
+def folder_snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_reference_run_trains_and_checkpoints(reference) -> None:
+    result, offset = reference
+    assert result.first_step == 0 and result.last_step == STEPS and len(result.losses) == STEPS
+    assert all(math.isfinite(loss) and loss > 0 for loss in result.losses)
+    assert offset.abs().max() > 1e-3
+    names = [path.name for path in list_checkpoints(result.output_dir / "checkpoints")]
+    assert names == ["step-000003", "step-000006"]
+    final = load_file(result.last_checkpoint / TRAINABLE_FILE)
+    assert torch.equal(final["offset"], offset)
+    state = json.loads((result.last_checkpoint / "state.json").read_text())
+    assert state["step"] == STEPS and state["data_order"] == {"epoch": 1, "step_in_epoch": 2}
+    assert state["fingerprint"]["method"] == "CaptionOffset"
+    assert state["fingerprint"]["trainable"] == {"offset": [77, 32]}
+
+
+def test_each_image_is_encoded_once_and_reused_every_epoch(parts, tmp_path, monkeypatch) -> None:
+    vae = parts["vae"]
+    encoded: list[int] = []
+    original_encode = vae.encode
+
+    def counting_encode(pixels, *args, **kwargs):
+        encoded.append(pixels.shape[0])
+        return original_encode(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counting_encode)
+    method = offset_method(parts, caption_dropout=0.0)
+    # 12 steps of 2 images = 3 epochs of 8 images, encoded in chunks of 4.
+    result = run(parts, method, reference_config(tmp_path, max_train_steps=12, checkpointing_steps=12, vae_batch_size=4))
+    assert result.last_step == 12
+    assert sorted(method.seen_indices) == sorted(list(range(8)) * 3)
+    assert encoded == [4, 4]
+
+
+class Recorder(TrainingMethod):
+    """Predicts a learned multiple of the noisy latents and keeps what the loop passed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.calls: list[dict] = []
+
+    def forward(self, unet, batch, noisy_latents, timesteps):
+        prediction = self.scale * noisy_latents
+        self.calls.append(
+            dict(batch=batch, noisy=noisy_latents.detach().clone(), timesteps=timesteps.clone(), prediction=prediction.detach().clone())
+        )
+        return prediction
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_regresses_the_target_the_scheduler_names(parts, tmp_path, prediction_type) -> None:
+    scheduler = DDIMScheduler.from_config(parts["scheduler"].config, prediction_type=prediction_type)
+    method = Recorder()
+    result = run(parts, method, reference_config(tmp_path, max_train_steps=1), scheduler=scheduler)
+    call = method.calls[0]
+    clean, noise, t = call["batch"].latents, call["batch"].noise, call["timesteps"]
+    alphas_cumprod = torch.cumprod(1 - DDPMScheduler.from_config(scheduler.config).betas, dim=0)[t].view(-1, 1, 1, 1)
+    assert torch.allclose(call["noisy"], alphas_cumprod.sqrt() * clean + (1 - alphas_cumprod).sqrt() * noise, atol=1e-6)
+    target = {
+        "epsilon": noise,
+        "v_prediction": alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * clean,
+        "sample": clean,
+    }[prediction_type]
+    assert result.losses[0] == pytest.approx(((call["prediction"] - target) ** 2).mean().item(), rel=1e-5)
+    assert t.shape == (2,) and t.dtype == torch.int64 and 0 <= t.min() and t.max() < 1000
+
+
+def test_noise_offset_adds_one_value_per_sample_and_channel(parts, tmp_path) -> None:
+    noises = []
+    for offset in (0.0, 0.3):
+        method = Recorder()
+        run(parts, method, reference_config(tmp_path / str(offset), max_train_steps=1, noise_offset=offset))
+        noises.append(method.calls[0]["batch"].noise)
+    shift = noises[1] - noises[0]
+    per_channel = shift.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)
+    assert 0.01 < per_channel.abs().mean() < 1.0
+
+
+def test_gradient_accumulation_equals_the_larger_batch(parts, tmp_path) -> None:
+    whole = offset_method(parts, caption_dropout=0.0)
+    accumulated = offset_method(parts, caption_dropout=0.0)
+    big = run(parts, whole, reference_config(tmp_path / "big", max_train_steps=3, train_batch_size=2))
+    small = run(
+        parts,
+        accumulated,
+        reference_config(tmp_path / "small", max_train_steps=3, train_batch_size=1, gradient_accumulation_steps=2),
+    )
+    assert accumulated.seen_indices == whole.seen_indices
+    assert small.losses == pytest.approx(big.losses, rel=1e-5)
+    assert torch.allclose(accumulated.offset, whole.offset, atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def validate(at: int, method: TrainingMethod):
+        if at == step:
+            raise Interrupt
+        return None
+
+    return validate
+
+
+def test_resume_continues_the_uninterrupted_curve_exactly(parts, tmp_path, reference) -> None:
+    full, full_offset = reference
+    config = reference_config(tmp_path, validation_steps=CHECKPOINT_EVERY)
+    with pytest.raises(Interrupt):
+        run(parts, offset_method(parts), config, validate=interrupt_at(CHECKPOINT_EVERY))
+    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step-000003"]
+
+    method = offset_method(parts)
+    resumed = run(parts, method, reference_config(tmp_path, resume_from_checkpoint="latest"))
+    assert resumed.first_step == CHECKPOINT_EVERY
+    assert resumed.losses == full.losses[CHECKPOINT_EVERY:]
+    assert torch.equal(method.offset.detach(), full_offset)
+
+
+class ExplodesAtCall(CaptionOffset):
+    def __init__(self, *args, explode_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.explode_at = explode_at
+        self.call_count = 0
+
+    def forward(self, unet, batch, noisy_latents, timesteps):
+        self.call_count += 1
+        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+        return prediction * float("nan") if self.call_count == self.explode_at else prediction
+
+    @property
+    def method_name(self) -> str:
+        return "CaptionOffset"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(parts, tmp_path, reference) -> None:
+    full, _ = reference
+    torch.manual_seed(0)
+    method = ExplodesAtCall(parts["tokenizer"], parts["text_encoder"], caption_dropout=0.5, explode_at=5)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*the last good checkpoint is .*step-000003"):
+        run(parts, method, reference_config(tmp_path))
+    kept = list_checkpoints(tmp_path / "checkpoints")
+    assert [path.name for path in kept] == ["step-000003"]
+    reference_kept = full.output_dir / "checkpoints" / "step-000003"
+    assert folder_snapshot(kept[0])[TRAINABLE_FILE] == folder_snapshot(reference_kept)[TRAINABLE_FILE]
+
+    resumed = run(parts, offset_method(parts), reference_config(tmp_path, resume_from_checkpoint="latest"))
+    assert resumed.losses == full.losses[CHECKPOINT_EVERY:]
+
+
+class NanGradient(CaptionOffset):
+    """A finite loss whose gradient is NaN: sqrt'(0) * abs'(0) = inf * 0."""
+
+    def forward(self, unet, batch, noisy_latents, timesteps):
+        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+        return MethodOutput(prediction, extra_loss=torch.sqrt((self.offset - self.offset.detach()).abs().sum()))
+
+
+def test_nan_gradient_stops_the_run(parts, tmp_path) -> None:
+    method = NanGradient(parts["tokenizer"], parts["text_encoder"])
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan at step 1; .*none"):
+        run(parts, method, reference_config(tmp_path))
+    assert torch.equal(method.offset.detach(), torch.zeros(77, 32))
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_validation_images_are_saved_and_do_not_change_the_curve(parts, tmp_path, reference) -> None:
+    full, _ = reference
+    seen: list[tuple[int, bool, bool]] = []
+
+    def validate(step: int, method: TrainingMethod) -> list[Image.Image]:
+        seen.append((step, method.training, torch.is_grad_enabled()))
+        noise = torch.rand(2) + random.random() + np.random.rand()  # consumes every global generator
+        value = int(noise.sum().item() * 40) % 256
+        return [Image.new("RGB", (8, 8), (value, step, 0)), Image.new("RGB", (8, 8), (0, step, value))]
+
+    result = run(parts, offset_method(parts), reference_config(tmp_path, validation_steps=2), validate=validate)
+    assert result.losses == full.losses
+    assert seen == [(2, False, False), (4, False, False), (6, False, False)]
+    assert [folder.name for folder in result.validation_dirs] == ["step-000002", "step-000004", "step-000006"]
+    for folder in result.validation_dirs:
+        assert sorted(path.name for path in folder.iterdir()) == ["00.png", "01.png"]
+        assert Image.open(folder / "00.png").getpixel((0, 0))[1] == int(folder.name[-1])
+
+
+class OtherMethod(CaptionOffset):
+    pass
+
+
+MISMATCHES = {
+    "shape": (
+        lambda parts: offset_method(parts, tokens=10),
+        {},
+        r"trainable tensor 'offset' has shape \[77, 32\] there but \[10, 32\] in this run",
+    ),
+    "method": (
+        lambda parts: OtherMethod(parts["tokenizer"], parts["text_encoder"], caption_dropout=0.5),
+        {},
+        r"method is 'CaptionOffset' there but 'OtherMethod' in this run",
+    ),
+    "settings": (
+        lambda parts: offset_method(parts, caption_dropout=0.25),
+        {},
+        r"settings is \{'caption_dropout': 0.5\} there but \{'caption_dropout': 0.25\} in this run",
+    ),
+    "config": (offset_method, {"learning_rate": 2e-2}, r"learning_rate is 0.01 there but 0.02 in this run"),
+    "schedule length": (offset_method, {"max_train_steps": 9}, r"max_train_steps is 6 there but 9 in this run"),
+    "fresh start": (offset_method, {"resume_from_checkpoint": None}, r"already holds checkpoints \(latest step-000006\)"),
+}
+
+
+@pytest.mark.parametrize("mismatch", list(MISMATCHES))
+def test_resuming_another_runs_checkpoint_is_refused_and_changes_nothing(parts, tmp_path, reference, mismatch) -> None:
+    make_method, changes, message = MISMATCHES[mismatch]
+    folder = tmp_path / "run"
+    shutil.copytree(reference[0].output_dir, folder)
+    before = folder_snapshot(folder)
+    config = reference_config(folder, **{"resume_from_checkpoint": "latest", **changes})
+    with pytest.raises(ValueError, match=message) as error:
+        run(parts, make_method(parts), config)
+    assert "\n" not in str(error.value)
+    assert folder_snapshot(folder) == before
+
+
+def test_incomplete_checkpoint_folders_are_ignored(parts, tmp_path, reference) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(reference[0].output_dir, folder)
+    shutil.rmtree(folder / "checkpoints" / "step-000006")
+    (folder / "checkpoints" / ".step-000006.tmp").mkdir()  # a run killed while writing
+    (folder / "checkpoints" / "step-000009").mkdir()  # no state.json
+    method = offset_method(parts)
+    resumed = run(parts, method, reference_config(folder, resume_from_checkpoint="latest"))
+    assert resumed.first_step == CHECKPOINT_EVERY
+    assert resumed.losses == reference[0].losses[CHECKPOINT_EVERY:]
+    assert torch.equal(method.offset.detach(), reference[1])
+
+
+def test_old_checkpoints_are_pruned_to_the_limit(parts, tmp_path) -> None:
+    config = reference_config(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    run(parts, offset_method(parts), config)
+    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step-000003", "step-000004"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_progress_bar_shows_the_loss_unless_silenced(parts, tmp_path, capsys) -> None:
+    run(parts, offset_method(parts), reference_config(tmp_path / "loud", max_train_steps=2, show_progress=True))
+    assert "loss=" in capsys.readouterr().err
+    run(parts, offset_method(parts), reference_config(tmp_path / "quiet", max_train_steps=2))
+    captured = capsys.readouterr()
+    assert "training" not in captured.err and "loss=" not in captured.out
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"train_batch_size": 0}, r"train_batch_size must be a positive integer, got 0"),
+        ({"lr_scheduler": "warp"}, r"unknown lr_scheduler 'warp'; expected one of .*cosine"),
+        ({"mixed_precision": "fp8"}, r"unknown mixed_precision 'fp8'"),
+        ({"noise_offset": -0.1}, r"noise_offset must be non-negative, got -0.1"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, changes, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        reference_config(tmp_path, **changes)
+
+
+def test_bad_inputs_are_named(parts, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"dataset has 8 images but one optimizer step needs 16"):
+        run(parts, offset_method(parts), reference_config(tmp_path, train_batch_size=16))
+    frozen = offset_method(parts).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"CaptionOffset has no trainable parameters"):
+        run(parts, frozen, reference_config(tmp_path))
+    with pytest.raises(ValueError, match=r"unsupported prediction_type 'flow'"):
+        scheduler = DDIMScheduler.from_config(parts["scheduler"].config, prediction_type="flow")
+        run(parts, offset_method(parts), reference_config(tmp_path), scheduler=scheduler)
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        run(parts, offset_method(parts), reference_config(tmp_path, resume_from_checkpoint=tmp_path / "missing"))
+    with pytest.raises(TypeError, match=r"dataset item 0 is a str; expected an \(image, caption\) pair"):
+        train(offset_method(parts), parts["unet"], parts["vae"], parts["scheduler"], ["x"] * 8, reference_config(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"'fp16' needs a CUDA GPU"):
+            run(parts, offset_method(parts), reference_config(tmp_path, mixed_precision="fp16"))
+
+
+def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(parts, tmp_path) -> None:
+    script = Path(__file__).with_name("train_loop_ddp_script.py")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    weights = [load_file(tmp_path / f"rank{rank}.safetensors")["offset"] for rank in (0, 1)]
+    assert [report["last_step"] for report in reports] == [3, 3]
+    assert reports[0]["indices"] != reports[1]["indices"]  # different data shards ...
+    assert torch.equal(weights[0], weights[1])  # ... yet identical weights: gradients were averaged
+    assert weights[0].abs().max() > 1e-3
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
+    assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
+
+    single = offset_method(parts, caption_dropout=0.0)
+    result = run(parts, single, ddp_config(tmp_path / "single", train_batch_size=2))
+    assert sorted(single.seen_indices) == sorted(reports[0]["indices"] + reports[1]["indices"])
+    assert reports[0]["losses"] == pytest.approx(result.losses, rel=1e-5)
+    # Adam divides by the gradient's own scale, so float reduction order shows up at ~1e-5 of the weights.
+    assert torch.allclose(weights[0], single.offset.detach(), atol=1e-4)

@@ -1,0 +1,100 @@
+"""A tiny training setup for the loop's tests, runnable under torchrun to train on several processes.
+
+    torchrun --standalone --nproc_per_node 2 tests/train_loop_ddp_script.py OUT_DIR
+
+Each process writes OUT_DIR/rank<r>.json (the image indices it trained on, its losses) and
+OUT_DIR/rank<r>.safetensors (its trainable weights after training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import tiny_sd_components  # noqa: E402
+
+from condkit.training.loop import TrainingBatch, TrainingConfig, TrainingMethod, train  # noqa: E402
+
+COLOURS = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+]  # fmt: skip
+
+
+def colour_dataset(count: int = 8, size: int = 32) -> list[tuple[Image.Image, str]]:
+    """Solid-colour images captioned by their index, as (image, caption) pairs."""
+    return [(Image.new("RGB", (size, size), COLOURS[i % len(COLOURS)]), f"colour {i}") for i in range(count)]
+
+
+class CaptionOffset(TrainingMethod):
+    """Text-encoder states of the caption plus a learned (77, width) offset; optional caption dropout.
+
+    Caption dropout draws from the global torch generator, so a resumed run only continues the
+    same curve if that generator's state was restored. Every batch's indices are recorded.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, caption_dropout: float = 0.0, tokens: int = 77) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.caption_dropout = caption_dropout
+        self.offset = nn.Parameter(torch.zeros(tokens, text_encoder.config.hidden_size))
+        self.seen_indices: list[int] = []
+
+    def settings(self) -> dict:
+        return {"caption_dropout": self.caption_dropout}
+
+    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
+        self.seen_indices += batch.indices.tolist()
+        captions = list(batch.captions)
+        if self.caption_dropout:
+            dropped = torch.rand(len(captions)) < self.caption_dropout
+            captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        states = self.text_encoder(ids.to(self.offset.device)).last_hidden_state
+        return states + nn.functional.pad(self.offset, (0, 0, 0, 77 - self.offset.shape[0]))
+
+
+def ddp_config(output_dir: Path, train_batch_size: int) -> TrainingConfig:
+    """Four samples per optimizer step in two accumulation micro-batches, however many processes."""
+    return TrainingConfig(
+        output_dir=output_dir,
+        max_train_steps=3,
+        train_batch_size=train_batch_size,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        checkpointing_steps=3,
+        seed=7,
+        show_progress=False,
+    )
+
+
+def main(out_dir: Path) -> None:
+    components = tiny_sd_components(0)
+    method = CaptionOffset(components["tokenizer"], components["text_encoder"])
+    rank = int(os.environ["RANK"])
+    processes = int(os.environ["WORLD_SIZE"])
+    result = train(
+        method,
+        components["unet"],
+        components["vae"],
+        components["scheduler"],
+        colour_dataset(),
+        ddp_config(out_dir / "run", train_batch_size=4 // (2 * processes)),
+    )
+    save_file({"offset": method.offset.detach().contiguous()}, out_dir / f"rank{rank}.safetensors")
+    report = {"indices": method.seen_indices, "losses": result.losses, "last_step": result.last_step}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
