@@ -33,6 +33,7 @@ from condkit.conditioning.base import (
     register_conditioner,
 )
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
+from condkit.conditioning.embeddings import expand_prompt
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -145,8 +146,11 @@ class CLIPConditioner(Conditioner):
         return self._encode_group(chunked, max(c.n_chunks for group in chunked for c in group))
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
-        """texts → one list of TokenChunks per encoder."""
-        return [[self._limit(chunk_prompt(tok, text, self.window), text) for text in texts] for tok in self.tokenizers]
+        """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""
+        return [
+            [self._limit(chunk_prompt(tok, expand_prompt(text, tok), self.window), text) for text in texts]
+            for tok in self.tokenizers
+        ]
 
     def _limit(self, chunks: TokenChunks, text: str) -> TokenChunks:
         if self.max_chunks is None or chunks.n_chunks <= self.max_chunks:
