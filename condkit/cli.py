@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+               FloatingPointError)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     train_world.add_argument("--no-resume", action="store_true", help="start over instead of resuming checkpoints")
     train_world.add_argument("--quiet", action="store_true", help="no progress bars")
     train_world.set_defaults(handler=run_world_train)
+
+    train = commands.add_parser("train", help="train a conditioning method")
+    methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
+    inversion = methods.add_parser("textual-inversion", help="learn a new token from a few images",
+                                   description="Textual inversion: learn the embedding of a new token from a folder of images.")
+    _add_textual_inversion_options(inversion)
+    inversion.set_defaults(handler=run_train_textual_inversion)
     return parser
+
+
+def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="JSON file of option values (keys as the long flags, e.g. \"learning_rate\"); flags override it")
+    parser.add_argument("--images", required=False, help="folder of training images")
+    parser.add_argument("--placeholder", default="<concept>", help="the new token (default: <concept>)")
+    parser.add_argument("--initializer", default=None, help="a word the tokenizer knows, to start from (several tokens are averaged)")
+    parser.add_argument("--num-vectors", type=int, default=1, help="vectors per token (default: 1)")
+    parser.add_argument("--templates", default="object", choices=("object", "style"), help="prompt templates (default: object)")
+    parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
+    parser.add_argument("--out", default="runs/textual-inversion", help="run folder: checkpoints and the learned embedding")
+    parser.add_argument("--save-format", default=None, help="embedding file format (default: diffusers for SD, sdxl_single_file for SDXL)")
+    parser.add_argument("--max-train-steps", type=int, default=500)
+    parser.add_argument("--train-batch-size", type=int, default=4)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--lr-scheduler", default="constant")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    parser.add_argument("--mixed-precision", default="auto", help="auto, no, fp16 or bf16")
+    parser.add_argument("--checkpointing-steps", type=int, default=100)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -92,7 +123,7 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     conditioner_class = get_conditioner_class(args.conditioner)
     out_dir = check_writable(args.out)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     conditioner = conditioner_class.from_pipeline(pipe, **_conditioner_options(args))
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
     run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
@@ -114,7 +145,7 @@ def run_eval(args: argparse.Namespace) -> None:
                                   height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
     conditioner_class = get_conditioner_class(args.conditioner)
     out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{args.conditioner}")
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     conditioner = conditioner_class.from_pipeline(pipe, **_conditioner_options(args))
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
@@ -132,6 +163,67 @@ def run_world_train(args: argparse.Namespace) -> None:
     model_dir = train_world(args.out, scale=args.scale, stages=stages, resume=not args.no_resume, seed=args.seed,
                             progress=not args.quiet, model_dir=args.model_dir)
     print(f"pipeline written to {model_dir}")
+
+
+def run_train_textual_inversion(args: argparse.Namespace) -> None:
+    from condkit.pipelines.loading import load_pipeline
+    from condkit.training.image_folder import ImageFolder
+    from condkit.training.loop import TrainingConfig, train
+    from condkit.training.textual_inversion import TextualInversion
+
+    if not args.images or not args.initializer:
+        raise ValueError("--images and --initializer are required (on the command line or in --config)")
+    out = Path(args.out)
+    embedding_path = out / "learned_embeds.safetensors"
+    if embedding_path.exists() and not args.resume:
+        raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
+    dataset = ImageFolder(args.images)
+    pipe = load_pipeline(args.model, "cpu", "float32", progress=not args.quiet)
+    method = TextualInversion(pipe, args.placeholder, args.initializer, args.num_vectors, args.templates, args.seed)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config = TrainingConfig(
+        output_dir=out, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler, resolution=resolution, mixed_precision=args.mixed_precision,
+        checkpointing_steps=args.checkpointing_steps, seed=args.seed, show_progress=not args.quiet,
+        resume_from_checkpoint="latest" if args.resume else None,
+    )
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
+    print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse once to find --config, use its JSON values as defaults, parse again so flags win."""
+    args = parser.parse_args(argv)
+    config_path = getattr(args, "config", None)
+    if not config_path:
+        return args
+    import json
+
+    try:
+        values = json.loads(Path(config_path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {config_path!r} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {config_path!r} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    unknown = sorted(key for key in values if key.replace("-", "_") not in vars(args))
+    if unknown:
+        raise ValueError(f"config file {config_path!r} has unknown option(s) {unknown}")
+    subparser = _subparser_for(parser, args)
+    subparser.set_defaults(**{key.replace("-", "_"): value for key, value in values.items()})
+    return parser.parse_args(argv)
+
+
+def _subparser_for(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand parser that produced `args` (where --config lives)."""
+    current = parser
+    while True:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            return current
+        chosen = getattr(args, actions[0].dest)
+        current = actions[0].choices[chosen]
 
 
 def _requests_from_args(args: argparse.Namespace, PromptRequest: Any, read_prompts_file: Callable) -> list:
@@ -155,7 +247,11 @@ def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _apply_config_file(parser, argv)
+    except USER_ERRORS as error:
+        print(f"condkit: error: {error}", file=sys.stderr)
+        return 2
     if getattr(args, "quiet", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -47,9 +47,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
-def load_pipeline(model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None) -> Any:
-    """A diffusers pipeline ready to run: `model` None means the embedded shapes-world pipeline."""
+def load_pipeline(
+    model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False
+) -> Any:
+    """A diffusers pipeline ready to run: `model` None means the embedded shapes-world pipeline.
+
+    progress=False silences the loading bars of diffusers and transformers (for the whole process).
+    """
     from diffusers import DiffusionPipeline
+
+    if not progress:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)

@@ -1,0 +1,164 @@
+"""Textual inversion: learn the embedding rows of new placeholder token(s), nothing else.
+
+Only the new rows are parameters (a `NewTokenEmbedding` stands in for each encoder's token
+table), so the optimizer keeps state for n_vectors × dim values instead of the whole vocabulary
+— adaptive optimizers are safe, and there is no copy-back of the original rows after each step.
+Prompts are encoded by the same CLIPConditioner used at inference, so SD and SDXL (both encoders,
+pooled output and time ids) train through one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from condkit.conditioning.clip import CLIPConditioner
+from condkit.conditioning.embedding_formats import LearnedEmbedding, write_embedding
+from condkit.training.method import TrainingBatch, TrainingMethod
+
+OBJECT_TEMPLATES = (
+    "a photo of {}", "a picture of {}", "an image of {}", "a rendering of {}", "{}",
+    "a drawing of {}", "a close view of {}", "a small {}", "a large {}", "a clean picture of {}",
+    "a simple image of {}", "one {}", "a centred {}", "a view of {}", "a scene with {}",
+    "a plain picture with {}", "a bright image of {}", "a sharp picture of {}", "a flat drawing of {}",
+    "an illustration of {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a picture in the style of {}", "an image in the style of {}",
+    "a drawing in the style of {}", "art in the style of {}", "a rendering in the style of {}",
+    "a scene in the style of {}", "a simple picture in the style of {}", "a bright image in the style of {}",
+    "a flat illustration in the style of {}", "a sketch in the style of {}", "a poster in the style of {}",
+)
+TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+class NewTokenEmbedding(nn.Module):
+    """A token table: the frozen original rows plus trainable rows for ids ≥ the original size."""
+
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.first_new_id = base.num_embeddings
+        self.new_rows = nn.Parameter(new_rows.clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base.weight, self.new_rows])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.first_new_id + self.new_rows.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.first_new_id
+        base = self.base(ids.clamp(max=self.first_new_id - 1))
+        new = self.new_rows[(ids - self.first_new_id).clamp(min=0, max=self.new_rows.shape[0] - 1)]
+        return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
+
+
+def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """"<c>" with 3 vectors → ["<c>", "<c>_1", "<c>_2"], diffusers' multi-vector convention."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def initializer_vector(tokenizer: Any, encoder: nn.Module, initializer: str) -> torch.Tensor:
+    """The embedding of the initializer word; a word that splits into several tokens is averaged."""
+    ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    unknown = tokenizer.unk_token_id
+    if not initializer.strip() or not ids or (unknown is not None and unknown in ids and unknown != tokenizer.eos_token_id):
+        raise ValueError(f"initializer word {initializer!r} is unknown to the tokenizer; pick a word it knows")
+    table = encoder.get_input_embeddings().weight
+    return table[ids].detach().float().mean(dim=0)
+
+
+class TextualInversion(TrainingMethod):
+    """Train `num_vectors` new rows per encoder for `placeholder`; everything else frozen.
+
+    Installs the placeholder in the pipeline's tokenizer(s) and a NewTokenEmbedding in its text
+    encoder(s), so the pipeline itself can render validation images during training.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        placeholder: str,
+        initializer: str,
+        num_vectors: int = 1,
+        templates: str = "object",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_vectors < 1:
+            raise ValueError(f"num_vectors must be a positive integer, got {num_vectors}")
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown template set {templates!r}; expected one of {', '.join(TEMPLATE_SETS)}")
+        conditioner = CLIPConditioner.from_pipeline(pipe)
+        self.placeholder, self.initializer, self.num_vectors = placeholder, initializer, num_vectors
+        self.template_set, self.seed = templates, seed
+        self.tokens = placeholder_tokens(placeholder, num_vectors)
+        self.is_sdxl = conditioner.is_sdxl
+        self.vae_scale_factor = pipe.vae_scale_factor
+        for tokenizer in conditioner.tokenizers:
+            taken = [token for token in self.tokens if token in tokenizer.get_vocab()]
+            if taken:
+                raise ValueError(f"placeholder token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new one")
+        self.embeddings = nn.ModuleList()
+        for tokenizer, encoder in zip(conditioner.tokenizers, conditioner.text_encoders):
+            rows = initializer_vector(tokenizer, encoder, initializer).repeat(num_vectors, 1)
+            encoder.requires_grad_(False)
+            table = NewTokenEmbedding(encoder.get_input_embeddings(), rows)
+            tokenizer.add_tokens(self.tokens)
+            encoder.set_input_embeddings(table)
+            self.embeddings.append(table)
+        self._conditioner = [conditioner]  # a list keeps the frozen encoders out of this module's parameters
+
+    @property
+    def conditioner(self) -> CLIPConditioner:
+        return self._conditioner[0]
+
+    def settings(self) -> dict[str, Any]:
+        return {"placeholder": self.placeholder, "initializer": self.initializer, "num_vectors": self.num_vectors,
+                "templates": self.template_set, "sdxl": self.is_sdxl}
+
+    def expanded_placeholder(self) -> str:
+        return " ".join(self.tokens)
+
+    def prompts_for(self, batch: TrainingBatch) -> list[str]:
+        """A template per image, drawn from (seed, step, image index) so resumed runs draw the same."""
+        templates = TEMPLATE_SETS[self.template_set]
+        chosen = []
+        for index in batch.indices.tolist():
+            rng = np.random.default_rng([self.seed, batch.step, index])
+            chosen.append(templates[rng.integers(len(templates))].format(self.expanded_placeholder()))
+        return chosen
+
+    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.conditioner.embed(self.prompts_for(batch))[0]
+
+    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
+        hidden, pooled = self.conditioner.embed(self.prompts_for(batch))
+        if not self.is_sdxl:
+            return unet(noisy_latents, timesteps, encoder_hidden_states=hidden).sample
+        return unet(noisy_latents, timesteps, encoder_hidden_states=hidden,
+                    added_cond_kwargs=sdxl_added_conditions(pooled, noisy_latents, self.vae_scale_factor)).sample
+
+    def learned_vectors(self) -> list[torch.Tensor]:
+        """(num_vectors, dim) per encoder, detached, float32."""
+        return [table.new_rows.detach().float().cpu().clone() for table in self.embeddings]
+
+    def learned_embedding(self, step: int | None = None) -> LearnedEmbedding:
+        return LearnedEmbedding(self.placeholder, self.learned_vectors(), step=step)
+
+    def save_embedding(self, path: str, format: str | None = None, step: int | None = None, overwrite: bool = False):
+        """Write the learned token in any format of `embedding_formats` (default: diffusers / SDXL single file)."""
+        return write_embedding(self.learned_embedding(step), path, format, overwrite=overwrite)
+
+
+def sdxl_added_conditions(pooled: torch.Tensor, latents: torch.Tensor, vae_scale_factor: int) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning for centre-cropped training images: original = target size, no crop."""
+    height, width = latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
+    time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}

@@ -1,0 +1,82 @@
+"""`condkit train textual-inversion` end to end on tiny models, and its one-line errors."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from condkit.cli import main
+from condkit.conditioning.embedding_formats import detect_format, read_embedding
+from tiny_models import tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (200, 30 * i, 20)).save(folder / f"{i}.png")
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_textual_inversion_writes_a_diffusers_embedding(model_dir, images, tmp_path, capsys):
+    config = tmp_path / "ti.json"
+    config.write_text(json.dumps({"initializer": "red", "num_vectors": 2, "max_train_steps": 2, "learning_rate": 0.01}))
+    out = tmp_path / "run"
+    code, captured = run(capsys, "train", "textual-inversion", "--config", config, "--model", model_dir, "--images", images,
+                         "--placeholder", "<red-thing>", "--train-batch-size", "2", "--resolution", "32", "--out", out, "--quiet")
+    assert code == 0, captured.err
+    embedding_file = out / "learned_embeds.safetensors"
+    assert detect_format(embedding_file) == "diffusers"
+    embedding = read_embedding(embedding_file)
+    assert embedding.token == "<red-thing>" and embedding.vectors[0].shape == (2, 32)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--placeholder", "a"], "placeholder token 'a' is already in the tokenizer's vocabulary"),
+    (["--initializer", " "], "initializer word ' ' is unknown"),
+])
+def test_bad_tokens(model_dir, images, tmp_path, capsys, extra, message):
+    argv = ["train", "textual-inversion", "--model", model_dir, "--images", images, "--initializer", "red",
+            "--out", tmp_path / "run", "--max-train-steps", "1", "--quiet", *extra]
+    code, captured = run(capsys, *argv)
+    assert code == 2 and message in captured.err and captured.err.count("\n") == 1
+
+
+def test_no_images_and_unreadable_image(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, captured = run(capsys, "train", "textual-inversion", "--model", model_dir, "--images", empty, "--initializer", "red")
+    assert code == 2 and "no images found in" in captured.err
+    (empty / "broken.png").write_bytes(b"not a png")
+    code, captured = run(capsys, "train", "textual-inversion", "--model", model_dir, "--images", empty, "--initializer", "red")
+    assert code == 2 and "cannot read image" in captured.err and "broken.png" in captured.err
+
+
+def test_existing_output_is_not_overwritten(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "learned_embeds.safetensors").write_bytes(b"precious")
+    code, captured = run(capsys, "train", "textual-inversion", "--model", model_dir, "--images", images,
+                         "--initializer", "red", "--out", out)
+    assert code == 2 and "already exists" in captured.err
+    assert (out / "learned_embeds.safetensors").read_bytes() == b"precious"
+
+
+def test_config_file_with_unknown_key(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"learning_rat": 1}))
+    code, captured = run(capsys, "train", "textual-inversion", "--config", config)
+    assert code == 2 and "unknown option(s) ['learning_rat']" in captured.err
