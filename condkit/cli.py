@@ -21,6 +21,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
     parser.add_argument("--conditioner", default="clip", help="conditioner name (see `condkit generate --list-conditioners`)")
     parser.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="option for the conditioner's from_pipeline, e.g. --opt pad_token=zero --opt text_encoder_path=DIR (repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
 
@@ -81,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Textual inversion: learn the embedding of a new token from a folder of images.")
     _add_textual_inversion_options(inversion)
     inversion.set_defaults(handler=run_train_textual_inversion)
+
+    long_clip = methods.add_parser("long-clip", help="fine-tune a stretched CLIP text tower (Long-CLIP)",
+                                   description="Long-CLIP fine-tuning: long-caption contrastive + primary-component matching "
+                                               "on shapes-world (image, long caption, short caption) triples.")
+    long_clip.add_argument("--clip", default=None, help="a transformers CLIPModel folder (default: the shapes world's model/clip)")
+    long_clip.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the shapes world's)")
+    long_clip.add_argument("--pairs", type=int, default=4096, help="training scenes (default: 4096)")
+    long_clip.add_argument("--steps", type=int, default=300)
+    long_clip.add_argument("--batch-size", type=int, default=64)
+    long_clip.add_argument("--learning-rate", type=float, default=1e-4)
+    long_clip.add_argument("--seed", type=int, default=0)
+    long_clip.add_argument("--out", default="runs/long-clip", help="folder for text_encoder/ and tokenizer/")
+    long_clip.add_argument("--quiet", action="store_true")
+    long_clip.set_defaults(handler=run_train_long_clip)
+
+    convert = commands.add_parser("convert", help="convert checkpoints to Hugging Face folders")
+    formats = convert.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    longclip = formats.add_parser("longclip", help="an official Long-CLIP .pt → HF folder (248 positions)",
+                                  description="Convert an official Long-CLIP checkpoint (OpenAI layout) to a Hugging Face folder.")
+    longclip.add_argument("input", help="longclip-B.pt / longclip-L.pt (or .safetensors)")
+    longclip.add_argument("output", help="output folder (must not exist or be empty)")
+    longclip.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder to copy in with model_max_length 248")
+    longclip.add_argument("--keep", type=int, default=20, help="rows taken from positional_embedding (default: 20)")
+    longclip.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width // 64)")
+    longclip.set_defaults(handler=run_convert_longclip)
     return parser
 
 
@@ -124,7 +151,7 @@ def run_generate(args: argparse.Namespace) -> None:
     conditioner_class = get_conditioner_class(args.conditioner)
     out_dir = check_writable(args.out)
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
-    conditioner = conditioner_class.from_pipeline(pipe, **_conditioner_options(args))
+    conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
     run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
@@ -146,7 +173,7 @@ def run_eval(args: argparse.Namespace) -> None:
     conditioner_class = get_conditioner_class(args.conditioner)
     out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{args.conditioner}")
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
-    conditioner = conditioner_class.from_pipeline(pipe, **_conditioner_options(args))
+    conditioner = _build_conditioner(conditioner_class, pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
     run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
@@ -191,6 +218,33 @@ def run_train_textual_inversion(args: argparse.Namespace) -> None:
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
     written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
     print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
+
+
+def run_train_long_clip(args: argparse.Namespace) -> None:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from condkit.pipelines.loading import EMBEDDED_MODEL
+    from condkit.training.long_clip import LongCLIPTrainingConfig, save_long_clip_text_encoder, shapes_world_pairs, train_long_clip
+
+    clip_dir = Path(args.clip) if args.clip else EMBEDDED_MODEL / "clip"
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else EMBEDDED_MODEL / "tokenizer"
+    for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
+    config = LongCLIPTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                    seed=args.seed, progress=not args.quiet)
+    result = train_long_clip(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir),
+                             shapes_world_pairs(args.pairs, seed=args.seed), config)
+    folder = save_long_clip_text_encoder(result.model, result.tokenizer, args.out)
+    print(f"final loss {result.losses[-1]:.4f}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
+
+
+def run_convert_longclip(args: argparse.Namespace) -> None:
+    from condkit.conditioning.long_clip_convert import convert_longclip_checkpoint
+
+    folder = convert_longclip_checkpoint(args.input, args.output, tokenizer=args.tokenizer, keep=args.keep,
+                                         num_heads=args.num_heads)
+    print(f"wrote {folder}")
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -242,7 +296,30 @@ def _requests_from_args(args: argparse.Namespace, PromptRequest: Any, read_promp
 
 
 def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"clip_skip": args.clip_skip} if args.clip_skip is not None else {}
+    """--clip-skip and --opt KEY=VALUE pairs; values are read as JSON when they parse (numbers, true, null)."""
+    import json
+
+    options: dict[str, Any] = {"clip_skip": args.clip_skip} if args.clip_skip is not None else {}
+    for pair in args.opt:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.isidentifier():
+            raise ValueError(f"--opt {pair!r} is not KEY=VALUE with KEY a Python identifier")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _build_conditioner(conditioner_class: Any, pipe: Any, args: argparse.Namespace) -> Any:
+    options = _conditioner_options(args)
+    try:
+        return conditioner_class.from_pipeline(pipe, **options)
+    except TypeError as error:
+        if "unexpected keyword argument" in str(error):
+            name = str(error).rsplit(" ", 1)[-1]
+            raise ValueError(f"conditioner {args.conditioner!r} has no option {name}") from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

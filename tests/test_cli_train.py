@@ -80,3 +80,30 @@ def test_config_file_with_unknown_key(tmp_path, capsys):
     config.write_text(json.dumps({"learning_rat": 1}))
     code, captured = run(capsys, "train", "textual-inversion", "--config", config)
     assert code == 2 and "unknown option(s) ['learning_rat']" in captured.err
+
+
+def test_convert_longclip_cli(tmp_path, capsys):
+    import torch
+
+    from test_long_clip_convert import official_checkpoint
+
+    checkpoint = tmp_path / "longclip-tiny.pt"
+    torch.save(official_checkpoint(width=64, layers=1, projection=32, visual=False), checkpoint)
+    code, captured = run(capsys, "convert", "longclip", checkpoint, tmp_path / "hf")
+    assert code == 0, captured.err
+    assert (tmp_path / "hf" / "text_encoder" / "config.json").is_file()
+
+    bad = tmp_path / "not-longclip.pt"
+    torch.save({"token_embedding.weight": torch.zeros(3, 4)}, bad)
+    code, captured = run(capsys, "convert", "longclip", bad, tmp_path / "hf2")
+    assert code == 2 and captured.err.startswith("condkit: error: ") and captured.err.count("\n") == 1
+
+
+def test_conditioner_options_reach_from_pipeline(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", "long-clip", "--opt", "pad_token=zero",
+                         "--prompt", "a red circle", "--steps", "1", "--height", "32", "--width", "32",
+                         "--out", tmp_path / "o", "--quiet")
+    assert code == 0, captured.err
+    code, captured = run(capsys, "generate", "--model", model_dir, "--opt", "no_such_option=1", "--prompt", "x",
+                         "--out", tmp_path / "o2", "--quiet")
+    assert code == 2 and "conditioner 'clip' has no option 'no_such_option'" in captured.err
