@@ -29,6 +29,15 @@ STEPS = 6
 CHECKPOINT_EVERY = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny models gain nothing from a second thread; on shared, busy cores it costs ~20x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def parts() -> dict:
     return tiny_sd_components(0)
@@ -103,9 +112,10 @@ def test_each_image_is_encoded_once_and_reused_every_epoch(parts, tmp_path, monk
 
     monkeypatch.setattr(vae, "encode", counting_encode)
     method = offset_method(parts, caption_dropout=0.0)
-    # 12 steps of 2 images = 3 epochs of 8 images, encoded in chunks of 4.
-    result = run(parts, method, reference_config(tmp_path, max_train_steps=12, checkpointing_steps=12, vae_batch_size=4))
-    assert result.last_step == 12
+    # 6 steps of 4 images = 3 epochs of 8 images, encoded in chunks of 4.
+    config = reference_config(tmp_path, max_train_steps=6, train_batch_size=4, checkpointing_steps=6, vae_batch_size=4)
+    result = run(parts, method, config)
+    assert result.last_step == 6
     assert sorted(method.seen_indices) == sorted(list(range(8)) * 3)
     assert encoded == [4, 4]
 
@@ -159,11 +169,11 @@ def test_noise_offset_adds_one_value_per_sample_and_channel(parts, tmp_path) -> 
 def test_gradient_accumulation_equals_the_larger_batch(parts, tmp_path) -> None:
     whole = offset_method(parts, caption_dropout=0.0)
     accumulated = offset_method(parts, caption_dropout=0.0)
-    big = run(parts, whole, reference_config(tmp_path / "big", max_train_steps=3, train_batch_size=2))
+    big = run(parts, whole, reference_config(tmp_path / "big", max_train_steps=2, train_batch_size=2))
     small = run(
         parts,
         accumulated,
-        reference_config(tmp_path / "small", max_train_steps=3, train_batch_size=1, gradient_accumulation_steps=2),
+        reference_config(tmp_path / "small", max_train_steps=2, train_batch_size=1, gradient_accumulation_steps=2),
     )
     assert accumulated.seen_indices == whole.seen_indices
     assert small.losses == pytest.approx(big.losses, rel=1e-5)
@@ -222,10 +232,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(parts, tmp_pa
     kept = list_checkpoints(tmp_path / "checkpoints")
     assert [path.name for path in kept] == ["step-000003"]
     reference_kept = full.output_dir / "checkpoints" / "step-000003"
-    assert folder_snapshot(kept[0])[TRAINABLE_FILE] == folder_snapshot(reference_kept)[TRAINABLE_FILE]
-
-    resumed = run(parts, offset_method(parts), reference_config(tmp_path, resume_from_checkpoint="latest"))
-    assert resumed.losses == full.losses[CHECKPOINT_EVERY:]
+    assert folder_snapshot(kept[0]) == folder_snapshot(reference_kept)
 
 
 class NanGradient(CaptionOffset):
@@ -316,16 +323,15 @@ def test_incomplete_checkpoint_folders_are_ignored(parts, tmp_path, reference) -
 
 
 def test_old_checkpoints_are_pruned_to_the_limit(parts, tmp_path) -> None:
-    config = reference_config(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    config = reference_config(tmp_path, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2)
     run(parts, offset_method(parts), config)
-    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step-000003", "step-000004"]
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
 def test_progress_bar_shows_the_loss_unless_silenced(parts, tmp_path, capsys) -> None:
-    run(parts, offset_method(parts), reference_config(tmp_path / "loud", max_train_steps=2, show_progress=True))
+    run(parts, offset_method(parts), reference_config(tmp_path / "loud", max_train_steps=1, show_progress=True))
     assert "loss=" in capsys.readouterr().err
-    run(parts, offset_method(parts), reference_config(tmp_path / "quiet", max_train_steps=2))
+    run(parts, offset_method(parts), reference_config(tmp_path / "quiet", max_train_steps=1))
     captured = capsys.readouterr()
     assert "training" not in captured.err and "loss=" not in captured.out
 
@@ -362,20 +368,35 @@ def test_bad_inputs_are_named(parts, tmp_path) -> None:
             run(parts, offset_method(parts), reference_config(tmp_path, mixed_precision="fp16"))
 
 
-def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(parts, tmp_path) -> None:
-    script = Path(__file__).with_name("train_loop_ddp_script.py")
+SCRIPT = Path(__file__).with_name("train_loop_ddp_script.py")
+
+
+def run_script(command: list[str]) -> None:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
+
+def test_bf16_mixed_precision_autocasts_and_keeps_trainable_weights_in_fp32(tmp_path) -> None:
+    run_script([sys.executable, str(SCRIPT), str(tmp_path), "--mixed-precision", "bf16"])
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["prediction_dtypes"] == ["torch.bfloat16"]
+    assert report["trainable_dtype"] == "torch.float32"
+    assert report["last_step"] == 2 and all(math.isfinite(loss) for loss in report["losses"])
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["fingerprint"]["mixed_precision"] == "bf16"
+
+
+def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(parts, tmp_path) -> None:
+    run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)])
+
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     weights = [load_file(tmp_path / f"rank{rank}.safetensors")["offset"] for rank in (0, 1)]
-    assert [report["last_step"] for report in reports] == [3, 3]
+    assert [report["last_step"] for report in reports] == [2, 2]
     assert reports[0]["indices"] != reports[1]["indices"]  # different data shards ...
     assert torch.equal(weights[0], weights[1])  # ... yet identical weights: gradients were averaged
     assert weights[0].abs().max() > 1e-3
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
     assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
 
     single = offset_method(parts, caption_dropout=0.0)
