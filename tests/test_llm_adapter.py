@@ -308,6 +308,26 @@ def test_sdxl_pooled_head_feeds_the_unet(tokenizer, language_models):
         torch.testing.assert_close(pooled, connector.pooled_output(latents))
 
 
+@torch.no_grad()
+def test_from_pretrained_loads_a_t5_encoder_and_a_connector(tmp_path, sd, tokenizer, language_models):
+    language_models["t5"].save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    connector = small_connector()
+    save_file(connector.state_dict(), tmp_path / "connector.safetensors")
+    connector.save_pretrained(tmp_path / "connector")
+    from_file = LLMAdapterConditioner.from_pretrained(
+        tmp_path / "lm", tmp_path / "connector.safetensors", pipe=sd,
+        connector_config=dict(num_heads=4, num_blocks=2), flexible_length=True,
+    )
+    from_folder = LLMAdapterConditioner.from_pretrained(tmp_path / "lm", tmp_path / "connector", flexible_length=True)
+    assert isinstance(from_file.language_model, T5EncoderModel)
+    expected = LLMAdapterConditioner(tokenizer, language_models["t5"].eval(), connector, flexible_length=True)
+    features = expected.encode("a red circle").prompt_embeds
+    for loaded in (from_file, from_folder):
+        assert torch.equal(loaded.encode("a red circle").prompt_embeds, features)
+        assert torch.equal(loaded.at_timestep(features, torch.tensor(10)), expected.at_timestep(features, torch.tensor(10)))
+
+
 # --- a real pretrained language model ------------------------------------------------------------
 
 

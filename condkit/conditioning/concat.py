@@ -80,7 +80,10 @@ class ConcatConditioner(Conditioner):
         super().__init__()
         self.first = first
         self.second = second
-        self.timestep_aware = first.timestep_aware or second.timestep_aware
+
+    @property
+    def timestep_aware(self) -> bool:  # type: ignore[override]
+        return self.first.timestep_aware or self.second.timestep_aware
 
     def encode(
         self,

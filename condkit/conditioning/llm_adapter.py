@@ -18,6 +18,10 @@ Length:
   so every prompt is conditioned on exactly its own tokens. (A genuine hidden state that is exactly
   zero in every channel would be taken for padding; language models do not produce one.)
 
+To keep tokens only CLIP knows (trigger words, textual-inversion embeddings), join CLIP's
+embeddings after the connector's latents: `ConcatConditioner(adapter, CLIPConditioner.from_pipeline(pipe))`
+(see `concat`).
+
 An omitted negative prompt is the empty string, encoded like any prompt. ELLA's T5 was run in fp16
 (its images change in fp32 or bf16); load the language model in the dtype the connector was
 trained with.
@@ -65,11 +69,16 @@ def load_language_model(name_or_path: str | os.PathLike, torch_dtype: torch.dtyp
     return AutoTokenizer.from_pretrained(name_or_path), model.eval()
 
 
-def load_connector(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> TimestepAwareConnector:
-    """A connector from a save_pretrained folder or a single ELLA-layout file (.safetensors/.pt/.bin)."""
+def load_connector(
+    path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **single_file_config: int
+) -> TimestepAwareConnector:
+    """A connector from a save_pretrained folder or a single ELLA-layout file (.safetensors/.pt/.bin).
+
+    `single_file_config` (num_heads, num_blocks) applies to single files, which do not record them.
+    """
     if os.path.isdir(path):
         return TimestepAwareConnector.from_pretrained(path, torch_dtype=torch_dtype).eval()
-    return load_ella_checkpoint(path, torch_dtype=torch_dtype)
+    return load_ella_checkpoint(path, torch_dtype=torch_dtype, **single_file_config)
 
 
 @register_conditioner("llm-adapter")
@@ -140,11 +149,15 @@ class LLMAdapterConditioner(Conditioner):
         connector: str | os.PathLike,
         pipe: Any | None = None,
         torch_dtype: torch.dtype | None = None,
+        connector_config: dict[str, int] | None = None,
         **options: Any,
     ) -> LLMAdapterConditioner:
-        """Load both parts by name or path; with `pipe`, check them against its UNet."""
+        """Load both parts by name or path; with `pipe`, check them against its UNet.
+
+        `connector_config` gives num_heads / num_blocks for a single-file connector (see `load_connector`).
+        """
         tokenizer, model = load_language_model(language_model, torch_dtype)
-        loaded_connector = load_connector(connector, torch_dtype)
+        loaded_connector = load_connector(connector, torch_dtype, **(connector_config or {}))
         if pipe is not None:
             return cls.from_pipeline(pipe, tokenizer, model, loaded_connector, **options)
         return cls(tokenizer, model, loaded_connector, **options)
