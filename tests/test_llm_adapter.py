@@ -163,6 +163,51 @@ def test_save_pretrained_round_trip_with_pooled_head(tmp_path):
     assert loaded.pooled_output(latents).shape == (2, 16)
 
 
+
+def reference_connector(state: dict[str, torch.Tensor], text: torch.Tensor, t: int, heads: int) -> torch.Tensor:
+    """The connector as ANCHORS.md describes it, written with plain tensor ops on a state_dict."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    F = torch.nn.functional
+
+    def linear(x, name):
+        return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+    def ada_norm(x, name, t_emb):
+        shift, scale = linear(F.silu(t_emb), f"{name}.linear").unsqueeze(1).chunk(2, dim=-1)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+    def attention(q_in, kv_in, prefix):
+        w, b = state[f"{prefix}.in_proj_weight"].chunk(3), state[f"{prefix}.in_proj_bias"].chunk(3)
+        q, k, v = (x @ wi.T + bi for x, wi, bi in zip((q_in, kv_in, kv_in), w, b))
+        split = lambda x: x.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return linear((weights @ v).transpose(1, 2).flatten(2), f"{prefix}.out_proj")
+
+    sinusoid = get_timestep_embedding(torch.tensor([t] * text.shape[0]), state["time_embedding.linear_1.weight"].shape[1], True, 0)
+    t_emb = linear(F.silu(linear(sinusoid, "time_embedding.linear_1")), "time_embedding.linear_2")
+    latents = state["connector.latents"] + linear(F.silu(t_emb), "connector.time_aware_linear").unsqueeze(1)
+    text = linear(text, "connector.proj_in")
+    n = 0
+    while f"connector.perceiver_blocks.{n}.attn.in_proj_weight" in state:
+        block = f"connector.perceiver_blocks.{n}"
+        query = ada_norm(latents, f"{block}.ln_1", t_emb)
+        keys = torch.cat([query, ada_norm(text, f"{block}.ln_2", t_emb)], dim=1)
+        latents = latents + attention(query, keys, f"{block}.attn")
+        hidden = ada_norm(latents, f"{block}.ln_ff", t_emb)
+        latents = latents + linear(F.relu(linear(hidden, f"{block}.mlp.c_fc")).square(), f"{block}.mlp.c_proj")
+        n += 1
+    return latents
+
+
+@torch.no_grad()
+def test_connector_computes_the_documented_function():
+    connector = small_connector(seed=3)
+    text = torch.randn(2, 7, LM_WIDTH)
+    expected = reference_connector(connector.state_dict(), text, 640, heads=SMALL["num_heads"])
+    torch.testing.assert_close(connector(text, 640), expected, rtol=1e-4, atol=1e-5)
+
 @torch.no_grad()
 def test_output_changes_with_the_timestep():
     connector = small_connector()
