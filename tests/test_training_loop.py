@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import tiny_sd_components
+from tiny_models import tiny_sd_components, tiny_sdxl_pipeline
 from torch import nn
 from train_loop_ddp_script import CaptionOffset, colour_dataset, ddp_config
 
@@ -130,9 +130,8 @@ class Recorder(TrainingMethod):
 
     def forward(self, unet, batch, noisy_latents, timesteps):
         prediction = self.scale * noisy_latents
-        self.calls.append(
-            dict(batch=batch, noisy=noisy_latents.detach().clone(), timesteps=timesteps.clone(), prediction=prediction.detach().clone())
-        )
+        recorded = dict(noisy=noisy_latents, timesteps=timesteps, prediction=prediction)
+        self.calls.append({"batch": batch, **{name: value.detach().clone() for name, value in recorded.items()}})
         return prediction
 
 
@@ -178,6 +177,33 @@ def test_gradient_accumulation_equals_the_larger_batch(parts, tmp_path) -> None:
     assert accumulated.seen_indices == whole.seen_indices
     assert small.losses == pytest.approx(big.losses, rel=1e-5)
     assert torch.allclose(accumulated.offset, whole.offset, atol=1e-5)
+
+
+class SDXLContext(TrainingMethod):
+    """Learned context and pooled embedding for an SDXL UNet, which also needs added_cond_kwargs."""
+
+    def __init__(self, context_width: int, pooled_width: int) -> None:
+        super().__init__()
+        self.context = nn.Parameter(torch.zeros(77, context_width))
+        self.pooled = nn.Parameter(torch.zeros(pooled_width))
+
+    def forward(self, unet, batch, noisy_latents, timesteps):
+        count = noisy_latents.shape[0]
+        size = 8 * noisy_latents.shape[-1]
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=noisy_latents.dtype).repeat(count, 1)
+        added = {"text_embeds": self.pooled.expand(count, -1), "time_ids": time_ids.to(noisy_latents.device)}
+        context = self.context.expand(count, -1, -1)
+        return unet(noisy_latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+
+def test_a_method_drives_an_sdxl_unet_by_overriding_forward(tmp_path) -> None:
+    pipe = tiny_sdxl_pipeline(0)
+    method = SDXLContext(pipe.unet.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim)
+    config = reference_config(tmp_path, max_train_steps=2)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, colour_dataset(), config)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert method.context.abs().max() > 0 and method.pooled.abs().max() > 0
+    assert not any(parameter.requires_grad for parameter in pipe.unet.parameters())
 
 
 class Interrupt(Exception):
@@ -292,7 +318,11 @@ MISMATCHES = {
     ),
     "config": (offset_method, {"learning_rate": 2e-2}, r"learning_rate is 0.01 there but 0.02 in this run"),
     "schedule length": (offset_method, {"max_train_steps": 9}, r"max_train_steps is 6 there but 9 in this run"),
-    "fresh start": (offset_method, {"resume_from_checkpoint": None}, r"already holds checkpoints \(latest step-000006\)"),
+    "fresh start": (
+        offset_method,
+        {"resume_from_checkpoint": None},
+        r"already holds checkpoints \(latest step-000006\)",
+    ),
 }
 
 
@@ -362,7 +392,9 @@ def test_bad_inputs_are_named(parts, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         run(parts, offset_method(parts), reference_config(tmp_path, resume_from_checkpoint=tmp_path / "missing"))
     with pytest.raises(TypeError, match=r"dataset item 0 is a str; expected an \(image, caption\) pair"):
-        train(offset_method(parts), parts["unet"], parts["vae"], parts["scheduler"], ["x"] * 8, reference_config(tmp_path))
+        not_pairs = ["x"] * 8
+        method, config = offset_method(parts), reference_config(tmp_path)
+        train(method, parts["unet"], parts["vae"], parts["scheduler"], not_pairs, config)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"'fp16' needs a CUDA GPU"):
             run(parts, offset_method(parts), reference_config(tmp_path, mixed_precision="fp16"))
@@ -388,7 +420,8 @@ def test_bf16_mixed_precision_autocasts_and_keeps_trainable_weights_in_fp32(tmp_
 
 
 def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(parts, tmp_path) -> None:
-    run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_script([*torchrun, str(SCRIPT), str(tmp_path)])
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     weights = [load_file(tmp_path / f"rank{rank}.safetensors")["offset"] for rank in (0, 1)]

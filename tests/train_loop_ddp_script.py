@@ -70,7 +70,8 @@ class CaptionOffset(TrainingMethod):
         if self.caption_dropout:
             dropped = torch.rand(len(captions)) < self.caption_dropout
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
-        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        tokens = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids
         states = self.text_encoder(ids.to(self.offset.device)).last_hidden_state
         return states + nn.functional.pad(self.offset, (0, 0, 0, 77 - self.offset.shape[0]))
 

@@ -133,7 +133,8 @@ def write_checkpoint(
     torch.save(capture_rng_state(), tmp / rng_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in trainable.items()}, tmp / TRAINABLE_FILE)
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in trainable.items()}
+        save_file(tensors, tmp / TRAINABLE_FILE)
         for file_name, stateful in objects.items():
             torch.save(stateful.state_dict(), tmp / file_name)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")

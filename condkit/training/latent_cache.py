@@ -51,12 +51,15 @@ def to_pixels(image: Any, resolution: int | None, index: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
-                f"dataset image {index} is an array of dtype {image.dtype} and shape {image.shape}; expected uint8 (H, W, 3)"
+                f"dataset image {index} is an array of dtype {image.dtype} and shape {image.shape}; "
+                "expected uint8 (H, W, 3)"
             )
         image = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         described = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"dataset image {index} is {described}; expected a PIL image, uint8 (H, W, 3) or float (3, H, W)")
+        raise ValueError(
+            f"dataset image {index} is {described}; expected a PIL image, uint8 (H, W, 3) or float (3, H, W)"
+        )
     if resolution is not None and tuple(image.shape[1:]) != (resolution, resolution):
         image = torch.nn.functional.interpolate(image[None].float(), size=(resolution, resolution), mode="bilinear")[0]
     return image.float() * 2.0 - 1.0
@@ -116,7 +119,8 @@ class LatentCache:
             captions.append(caption)
         sizes = {tuple(p.shape) for p in pixels}
         if len(sizes) > 1:
-            raise ValueError(f"dataset images {indices.start}-{indices.stop - 1} have sizes {sorted(sizes)}; set a resolution")
+            first, last = indices.start, indices.stop - 1
+            raise ValueError(f"dataset images {first}-{last} have sizes {sorted(sizes)}; set a resolution")
         batch = torch.stack(pixels).to(device=self.device, dtype=self.vae.dtype)
         distribution = self.vae.encode(batch).latent_dist
         stacked = torch.stack([distribution.mean, distribution.std], dim=1).float().cpu()

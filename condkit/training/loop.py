@@ -103,7 +103,8 @@ class TrainingConfig:
     vae_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "vae_batch_size"):
+        counts = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps")
+        for name in (*counts, "vae_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -117,7 +118,9 @@ class TrainingConfig:
         if self.lr_scheduler not in schedules:
             raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; expected one of {', '.join(schedules)}")
         if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; expected one of {', '.join(MIXED_PRECISIONS)}")
+            raise ValueError(
+                f"unknown mixed_precision {self.mixed_precision!r}; expected one of {', '.join(MIXED_PRECISIONS)}"
+            )
         if self.noise_offset < 0:
             raise ValueError(f"noise_offset must be non-negative, got {self.noise_offset}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -171,9 +174,9 @@ def train(
     """Train `method` on `dataset` with the denoising loss; see the module docstring.
 
     validate(step, method) is called on the main process every config.validation_steps steps (if
-    set) and at the end, without gradients and with the method in eval mode; the images it returns are
-    saved as PNGs under output_dir/validation/step-NNNNNN/. It cannot change the training curve:
-    the generator states are restored after it.
+    set) and at the end, without gradients and with the method in eval mode; the images it
+    returns are saved as PNGs under output_dir/validation/step-NNNNNN/. It cannot change the
+    training curve: the generator states are restored after it.
     """
     return _TrainingRun(method, unet, vae, noise_scheduler, dataset, config, validate, accelerator).run()
 
@@ -195,17 +198,7 @@ class _TrainingRun:
         self.config = config
         self.validate = validate
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.accelerator.num_processes != launched:
-            raise RuntimeError(
-                f"launched as {launched} processes but the accelerator sees {self.accelerator.num_processes}; "
-                "every process would train alone on the full data"
-            )
-        if accelerator is not None and config.mixed_precision not in ("auto", accelerator.mixed_precision):
-            raise ValueError(
-                f"config.mixed_precision is {config.mixed_precision!r} but the accelerator given uses "
-                f"{accelerator.mixed_precision!r}; set one of them to match"
-            )
+        self._check_accelerator(given=accelerator is not None)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -227,7 +220,6 @@ class _TrainingRun:
         self.latents = LatentCache(
             vae, dataset, resolution=config.resolution, chunk_size=config.vae_batch_size, device=device
         )
-
         processes = self.accelerator.num_processes
         self.order = DataOrder(
             len(dataset), config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed
@@ -245,23 +237,43 @@ class _TrainingRun:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_train_steps,
         )
+
         self.fingerprint = self._fingerprint(len(dataset))
         self.resume_from = self._checkpoint_to_resume()
-        self.start_step = 0
-        if self.resume_from is not None:
-            # Only the fingerprint check reads the checkpoint before anything is changed or written.
-            state = ckpt.read_state(self.resume_from)
-            ckpt.check_same_run(self.resume_from, state["fingerprint"], self.fingerprint)
-            self.method.load_trainable_state_dict(
-                {name: tensor.to(device) for name, tensor in ckpt.load_trainable(self.resume_from).items()}
-            )
-            ckpt.load_stateful(self.resume_from, ckpt.OPTIMIZER_FILE, self.optimizer)
-            ckpt.load_stateful(self.resume_from, ckpt.LR_SCHEDULER_FILE, self.lr_scheduler)
-            self.order.load_state_dict(state["data_order"])
-            self.start_step = int(state["step"])
+        self.start_step = self._load_checkpoint(self.resume_from) if self.resume_from is not None else 0
         self.model, self.optimizer = self.accelerator.prepare(method, self.optimizer)
         if self.resume_from is not None and self.accelerator.scaler is not None:
             ckpt.load_stateful(self.resume_from, ckpt.SCALER_FILE, self.accelerator.scaler)
+
+    def _check_accelerator(self, given: bool) -> None:
+        launched = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
+        if self.accelerator.num_processes != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes but the accelerator sees {self.accelerator.num_processes}; "
+                "every process would train alone on the full data"
+            )
+        if given and self.config.mixed_precision not in ("auto", self.accelerator.mixed_precision):
+            raise ValueError(
+                f"config.mixed_precision is {self.config.mixed_precision!r} but the accelerator given uses "
+                f"{self.accelerator.mixed_precision!r}; set one of them to match"
+            )
+        if self.accelerator.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"the accelerator given accumulates {self.accelerator.gradient_accumulation_steps} steps; expected 1 "
+                "(set gradient_accumulation_steps in TrainingConfig instead)"
+            )
+
+    def _load_checkpoint(self, checkpoint: Path) -> int:
+        """Load a checkpoint of this same run (checked first, so a refused one leaves everything as it was)."""
+        state = ckpt.read_state(checkpoint)
+        ckpt.check_same_run(checkpoint, state["fingerprint"], self.fingerprint)
+        trainable = ckpt.load_trainable(checkpoint)
+        device = self.accelerator.device
+        self.method.load_trainable_state_dict({name: tensor.to(device) for name, tensor in trainable.items()})
+        ckpt.load_stateful(checkpoint, ckpt.OPTIMIZER_FILE, self.optimizer)
+        ckpt.load_stateful(checkpoint, ckpt.LR_SCHEDULER_FILE, self.lr_scheduler)
+        self.order.load_state_dict(state["data_order"])
+        return int(state["step"])
 
     def _fingerprint(self, dataset_size: int) -> dict[str, Any]:
         """What must be equal between a checkpoint and this run for the resume to continue the same curve."""
@@ -303,7 +315,9 @@ class _TrainingRun:
 
     def run(self) -> TrainingResult:
         config = self.config
-        result = TrainingResult(Path(config.output_dir), self.start_step, self.start_step, last_checkpoint=self.resume_from)
+        result = TrainingResult(
+            Path(config.output_dir), self.start_step, self.start_step, last_checkpoint=self.resume_from
+        )
         if self.resume_from is not None:
             ckpt.load_rng_state(self.resume_from, self.accelerator.process_index)
         else:
@@ -327,7 +341,8 @@ class _TrainingRun:
                 final = done == config.max_train_steps
                 if done % config.checkpointing_steps == 0 or final:
                     result.last_checkpoint = self._save_checkpoint(done)
-                if self.validate is not None and (final or (config.validation_steps and done % config.validation_steps == 0)):
+                validation_due = config.validation_steps is not None and done % config.validation_steps == 0
+                if self.validate is not None and (validation_due or final):
                     folder = self._run_validation(done)
                     if folder is not None:
                         result.validation_dirs.append(folder)
