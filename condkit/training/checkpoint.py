@@ -6,7 +6,8 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-000500/` holding
     optimizer.pt              optimizer state (torch.save of tensors and numbers; loads with weights_only)
     lr_scheduler.pt           learning-rate scheduler state
     scaler.pt                 fp16 gradient scaler state, when there is one
-    rng_state_<rank>.pt       python, numpy and torch (CPU and CUDA) generator states of each process
+    rng_state_<rank>.pt       python, numpy and torch (CPU and current CUDA device) generator states
+                              of each process
     state.json                step, data order, and the run's fingerprint (method, settings,
                               trainable shapes, key configuration); written last
 
@@ -73,8 +74,8 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device
     return state
 
 
@@ -85,7 +86,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_same_run(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
