@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_textual_inversion_options(inversion)
     inversion.set_defaults(handler=run_train_textual_inversion)
 
+    core = methods.add_parser("core", help="textual inversion with context regularization (CoRe)",
+                              description="CoRe: textual inversion plus embedding and cross-attention context regularization.")
+    _add_textual_inversion_options(core)
+    core.set_defaults(max_train_steps=300, train_batch_size=6, learning_rate=5e-3, out="runs/core")
+    core.add_argument("--lambda-embedding", type=float, default=1.5e-4, help="embedding regularization weight (default: 1.5e-4)")
+    core.add_argument("--lambda-attention", type=float, default=0.05, help="attention regularization weight (default: 0.05)")
+    core.add_argument("--norm-window", type=int, nargs=2, default=(120, 180), metavar=("START", "END"),
+                      help="steps between which the embedding norm is held at its START value (default: 120 180)")
+    core.add_argument("--no-norm-rescaling", action="store_true", help="do not hold the embedding norm")
+    core.add_argument("--test-time", default=None, metavar="PROMPT", help="after training, adapt the embedding to this prompt (regularizers only)")
+    core.add_argument("--test-time-steps", type=int, default=10)
+    core.add_argument("--test-time-lr", type=float, default=5e-4)
+    core.set_defaults(handler=run_train_core)
+
     long_clip = methods.add_parser("long-clip", help="fine-tune a stretched CLIP text tower (Long-CLIP)",
                                    description="Long-CLIP fine-tuning: long-caption contrastive + primary-component matching "
                                                "on shapes-world (image, long caption, short caption) triples.")
@@ -193,10 +207,36 @@ def run_world_train(args: argparse.Namespace) -> None:
 
 
 def run_train_textual_inversion(args: argparse.Namespace) -> None:
+    from condkit.training.textual_inversion import TextualInversion
+
+    _train_new_token(args, lambda pipe: TextualInversion(pipe, args.placeholder, args.initializer, args.num_vectors,
+                                                         args.templates, args.seed))
+
+
+def run_train_core(args: argparse.Namespace) -> None:
+    from condkit.conditioning.embedding_formats import write_embedding
+    from condkit.training.core import CoRe
+    from condkit.training.core_test_time import test_time_optimize
+
+    if args.test_time is not None and args.placeholder not in args.test_time:
+        raise ValueError(f"--test-time prompt {args.test_time!r} does not contain the placeholder {args.placeholder!r}")
+    norm_window = None if args.no_norm_rescaling else tuple(args.norm_window)
+    method, pipe = _train_new_token(args, lambda pipe: CoRe(
+        pipe, args.placeholder, args.initializer, args.num_vectors, args.templates, args.seed,
+        lambda_embedding=args.lambda_embedding, lambda_attention=args.lambda_attention, norm_window=norm_window))
+    if args.test_time is not None:
+        adjusted = test_time_optimize(method, pipe, args.test_time, args.test_time_steps, args.test_time_lr, seed=args.seed)
+        path = Path(args.out) / "learned_embeds_test_time.safetensors"
+        written = write_embedding(adjusted.embedding, path, args.save_format, overwrite=args.resume)
+        print(f"test-time optimisation for {args.test_time!r}: regularization loss {adjusted.initial_loss:.4g} → "
+              f"{adjusted.final_loss:.4g}; wrote {', '.join(map(str, written))}")
+
+
+def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Shared by textual inversion and CoRe: validate, load, train, save the learned embedding."""
     from condkit.pipelines.loading import load_pipeline
     from condkit.training.image_folder import ImageFolder
     from condkit.training.loop import TrainingConfig, train
-    from condkit.training.textual_inversion import TextualInversion
 
     if not args.images or not args.initializer:
         raise ValueError("--images and --initializer are required (on the command line or in --config)")
@@ -206,7 +246,7 @@ def run_train_textual_inversion(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
     dataset = ImageFolder(args.images)
     pipe = load_pipeline(args.model, "cpu", "float32", progress=not args.quiet)
-    method = TextualInversion(pipe, args.placeholder, args.initializer, args.num_vectors, args.templates, args.seed)
+    method = make_method(pipe)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = TrainingConfig(
         output_dir=out, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
@@ -218,6 +258,7 @@ def run_train_textual_inversion(args: argparse.Namespace) -> None:
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
     written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
     print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
+    return method, pipe
 
 
 def run_train_long_clip(args: argparse.Namespace) -> None:

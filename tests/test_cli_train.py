@@ -107,3 +107,21 @@ def test_conditioner_options_reach_from_pipeline(model_dir, tmp_path, capsys):
     code, captured = run(capsys, "generate", "--model", model_dir, "--opt", "no_such_option=1", "--prompt", "x",
                          "--out", tmp_path / "o2", "--quiet")
     assert code == 2 and "conditioner 'clip' has no option 'no_such_option'" in captured.err
+
+
+def test_core_with_test_time_writes_both_embeddings(model_dir, images, tmp_path, capsys):
+    out = tmp_path / "core"
+    code, captured = run(capsys, "train", "core", "--model", model_dir, "--images", images, "--initializer", "red",
+                         "--placeholder", "<c>", "--max-train-steps", "2", "--train-batch-size", "2", "--resolution", "32",
+                         "--norm-window", "1", "2", "--test-time", "a photo of <c> on a table", "--test-time-steps", "2",
+                         "--out", out, "--quiet")
+    assert code == 0, captured.err
+    assert read_embedding(out / "learned_embeds.safetensors").token == "<c>"
+    assert read_embedding(out / "learned_embeds_test_time.safetensors").token == "<c>"
+    assert "regularization loss" in captured.out
+
+
+def test_core_test_time_prompt_must_hold_the_placeholder(model_dir, images, tmp_path, capsys):
+    code, captured = run(capsys, "train", "core", "--model", model_dir, "--images", images, "--initializer", "red",
+                         "--placeholder", "<c>", "--test-time", "a red circle", "--out", tmp_path / "c", "--quiet")
+    assert code == 2 and "does not contain the placeholder '<c>'" in captured.err
