@@ -1,0 +1,124 @@
+"""Personalization on the shapes world: TI vs TI+CoRe vs TI+CoRe+test-time, scored by the pixel scorer.
+
+A concept (one colour/shape/size combination) is learned from a few renders of it alone, its
+words withheld: the placeholder starts from the generic word "object". Then:
+- identity: "<c>", "a picture of <c>" — does the scorer find an object with the concept's colour,
+  shape and size?
+- alignment: prompts that recompose it ("<c> to the left of a blue square", "<c> on a yellow
+  background", ...) — does the whole prompt hold (every object, relation and background)?
+
+    python benchmarks/personalization.py [--steps 300] [--n 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from condkit.conditioning.clip import CLIPConditioner
+from condkit.pipelines.loading import load_pipeline
+from condkit.shapes_world.captions import parse_caption
+from condkit.shapes_world.scenes import Scene, SceneObject, render
+from condkit.shapes_world.scorer import score
+from condkit.training.core import CoRe
+from condkit.training.core_test_time import test_time_optimize
+from condkit.training.loop import TrainingConfig, train
+from condkit.training.textual_inversion import TextualInversion
+
+PLACEHOLDER = "<c>"
+IDENTITY_PROMPTS = ["<c>", "a picture of <c>"]
+ALIGNMENT_PROMPTS = [
+    "<c> to the left of a blue square",
+    "a green circle above <c>",
+    "<c> on a yellow background",
+    "<c> below a red cross",
+    "<c> to the right of a pink triangle",
+    "<c> on a black background",
+]
+
+
+def concept_images(colour: str, shape: str, size: str, count: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    backgrounds = ["gray", "white", "black"]
+    images = []
+    for i in range(count):
+        x, y = rng.uniform(0.3, 0.7, size=2)
+        scene = Scene(objects=(SceneObject(shape, colour, size, float(x), float(y)),), background=backgrounds[i % 3])
+        images.append((render(scene), ""))
+    return images
+
+
+def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> tuple[float, float]:
+    """(identity: concept found, all_correct: whole prompt holds), averaged over prompts × n images."""
+    conditioner = CLIPConditioner.from_pipeline(pipe)
+    concept_spec = parse_caption(concept_phrase)
+    found, whole = [], []
+    for prompt in prompts:
+        with torch.no_grad():
+            cond = conditioner.encode(prompt, num_images_per_prompt=n)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        images = pipe(**cond.kwargs(), num_inference_steps=25, guidance_scale=5.0, generator=generators).images
+        spec = parse_caption(prompt.replace(PLACEHOLDER, concept_phrase))
+        for image in images:
+            found.append(score(image, concept_spec)["object_recall"])
+            whole.append(score(image, spec)["all_correct"])
+    return float(np.mean(found)), float(np.mean(whole))
+
+
+def run_variant(name: str, args, images, concept_phrase: str) -> dict:
+    pipe = load_pipeline(args.model, "cpu", "float32")
+    common = dict(placeholder=PLACEHOLDER, initializer="object", num_vectors=args.num_vectors, seed=args.seed)
+    method = TextualInversion(pipe, **common) if name == "ti" else CoRe(pipe, **common)
+    config = TrainingConfig(output_dir=Path(tempfile.mkdtemp()) / name, max_train_steps=args.steps, train_batch_size=4,
+                            learning_rate=5e-3, resolution=64, seed=args.seed, checkpointing_steps=args.steps,
+                            show_progress=not args.quiet)
+    train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config)
+    method.eval()
+    identity = generate_scores(pipe, IDENTITY_PROMPTS, concept_phrase, args.n, args.seed)
+    if name != "core+test-time":
+        alignment = generate_scores(pipe, ALIGNMENT_PROMPTS, concept_phrase, args.n, args.seed)
+    else:
+        trained = [table.new_rows.detach().clone() for table in method.embeddings]
+        per_prompt = []
+        for prompt in ALIGNMENT_PROMPTS:
+            test_time_optimize(method, pipe, prompt, steps=10, lr=5e-4, seed=args.seed, write_back=True)
+            per_prompt.append(generate_scores(pipe, [prompt], concept_phrase, args.n, args.seed))
+            with torch.no_grad():
+                for table, rows in zip(method.embeddings, trained):
+                    table.new_rows.copy_(rows)
+        alignment = (float(np.mean([p[0] for p in per_prompt])), float(np.mean([p[1] for p in per_prompt])))
+    return {"identity": identity[0], "alignment_concept_found": alignment[0], "alignment_all_correct": alignment[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--concept", default="large orange diamond", help="SIZE COLOUR SHAPE")
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--num-vectors", type=int, default=1)
+    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default="ti,core,core+test-time")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the table here")
+    args = parser.parse_args()
+    size, colour, shape = args.concept.split()
+    images = concept_images(colour, shape, size, args.images, args.seed)
+    concept_phrase = f"a {size} {colour} {shape}"
+    rows = {name: run_variant(name, args, images, concept_phrase) for name in args.variants.split(",")}
+    print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt")
+    print(f"{'variant':16s} {'identity':>9s} {'align: concept':>15s} {'align: all correct':>19s}")
+    for name, row in rows.items():
+        print(f"{name:16s} {row['identity']:9.3f} {row['alignment_concept_found']:15.3f} {row['alignment_all_correct']:19.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
