@@ -46,7 +46,10 @@ SCALES: dict[str, RecipeScale] = {
         pool_size=64,
         held_out_size=32,
         clip=ClipScale(width=32, layers=1, heads=2, steps=4, batch_size=8, learning_rate=1e-3, checkpoint_every=2),
-        vae=VaeScale(channels=(8, 16, 16), steps=4, batch_size=4, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=2),
+        vae=VaeScale(
+            channels=(8, 16, 16), steps=4, batch_size=4, learning_rate=1e-3, kl_weight=1e-6, checkpoint_every=2,
+            scored_images=4,
+        ),  # fmt: skip
         unet=UnetScale(
             channels=(32, 32, 32), attention_levels=(False, True, True), attention_head_dim=8,
             steps=4, batch_size=4, learning_rate=1e-3, ema_decay=0.9, checkpoint_every=2,
@@ -56,10 +59,13 @@ SCALES: dict[str, RecipeScale] = {
         pool_size=30_000,
         held_out_size=1024,
         clip=ClipScale(width=128, layers=4, heads=4, steps=500, batch_size=96, learning_rate=5e-4, checkpoint_every=50),
-        vae=VaeScale(channels=(16, 32, 64), steps=800, batch_size=32, learning_rate=1e-3, kl_weight=1e-3, checkpoint_every=100),
+        vae=VaeScale(
+            channels=(16, 32, 64), steps=1000, batch_size=32, learning_rate=1e-3, kl_weight=1e-6, checkpoint_every=100,
+            scored_images=200,
+        ),  # fmt: skip
         unet=UnetScale(
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
-            steps=4000, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
+            steps=3500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
     ),
 }
