@@ -1,0 +1,117 @@
+"""Per-step cost of ELLA's timestep-aware connector next to an SD1.5-sized UNet step.
+
+At inference the attached proxy runs the connector inside every UNet call, so its cost recurs at
+every denoising step. This times one step at SD1.5 scale with random weights (nothing is
+downloaded): a full-size UNet2DConditionModel from the SD1.5 config below, 64×64 latents, batch 2
+(the CFG pair), and the connector at ELLA's default widths (66.8M parameters) reading T5-XL-sized
+features (2048-d, 128 tokens). Each repeat times (connector + UNet) and (UNet alone, on the
+connector's output) back to back, alternating the order; the script prints the medians and their
+ratio.
+
+    nice -n 19 python benchmarks/bench_connector_overhead.py --threads 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from condkit.conditioning.ella_connector import TimestepAwareConnector
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+TEXT_TOKENS = 128
+TEXT_DIM = 2048  # flan-t5-xl
+BATCH = 2  # negative and positive rows of classifier-free guidance
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs (at least 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.repeats < 5:
+        raise ValueError(f"--repeats must be at least 5, got {args.repeats}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(SD15_UNET_CONFIG).eval().to(device)
+    connector = TimestepAwareConnector().eval().to(device)  # ELLA defaults: 768 wide, 64 latents, 6 blocks
+    latents = torch.randn(BATCH, 4, 64, 64, device=device)
+    features = torch.randn(BATCH, TEXT_TOKENS, TEXT_DIM, device=device)
+    timestep = torch.tensor(500, device=device)
+    unet_parameters = sum(p.numel() for p in unet.parameters())
+    connector_parameters = sum(p.numel() for p in connector.parameters())
+    print(f"UNet {unet_parameters / 1e6:.1f}M parameters, connector {connector_parameters / 1e6:.1f}M; "
+          f"latents {tuple(latents.shape)}, text features {tuple(features.shape)}, {torch.get_num_threads()} threads")
+
+    with torch.inference_mode():
+        hidden = connector(features, timestep)
+
+        def unet_alone() -> None:
+            unet(latents, timestep, encoder_hidden_states=hidden)
+            sync(device)
+
+        def connector_and_unet() -> None:
+            unet(latents, timestep, encoder_hidden_states=connector(features, timestep))
+            sync(device)
+
+        def connector_alone() -> None:
+            connector(features, timestep)
+            sync(device)
+
+        unet_alone(), connector_and_unet()  # warm-up
+        with_connector, without, ratios = [], [], []
+        for repeat in range(args.repeats):
+            pair = (connector_and_unet, unet_alone) if repeat % 2 == 0 else (unet_alone, connector_and_unet)
+            times = {function: timed(function) for function in pair}
+            with_connector.append(times[connector_and_unet])
+            without.append(times[unet_alone])
+            ratios.append(times[connector_and_unet] / times[unet_alone])
+            print(f"repeat {repeat + 1}: connector+UNet {with_connector[-1]:.3f} s, UNet {without[-1]:.3f} s")
+        connector_times = [timed(connector_alone) for _ in range(args.repeats)]
+
+    median_with, median_without = statistics.median(with_connector), statistics.median(without)
+    print(f"median connector+UNet step {median_with:.3f} s, UNet step {median_without:.3f} s, "
+          f"connector alone {statistics.median(connector_times) * 1000:.1f} ms")
+    print(f"ratio of medians {median_with / median_without:.4f}; median of per-pair ratios {statistics.median(ratios):.4f} "
+          "(target <= 1.05)")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
