@@ -6,7 +6,8 @@ downloaded): a full-size UNet2DConditionModel from the SD1.5 config below, 64×6
 (the CFG pair), and the connector at ELLA's default widths (66.8M parameters) reading T5-XL-sized
 features (2048-d, 128 tokens). Each repeat times (connector + UNet) and (UNet alone, on the
 connector's output) back to back, alternating the order; the script prints the medians and their
-ratio.
+ratio, and the ratio of floating-point operations (counted on the meta device), which does not
+depend on what else the machine is running.
 
     nice -n 19 python benchmarks/bench_connector_overhead.py --threads 2 --repeats 5
 """
@@ -19,6 +20,7 @@ import time
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from condkit.conditioning.ella_connector import TimestepAwareConnector
 
@@ -50,6 +52,21 @@ def timed(function) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
+
+
+def count_flops(unet_config: dict, batch: int) -> tuple[int, int]:
+    """(connector, UNet) floating-point operations of one step, counted on shape-only meta tensors."""
+    with torch.device("meta"), torch.no_grad():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        connector = TimestepAwareConnector()
+        latents = torch.randn(batch, 4, 64, 64)
+        features = torch.randn(batch, TEXT_TOKENS, TEXT_DIM)
+        timestep = torch.tensor(500)
+        with FlopCounterMode(display=False) as connector_count:
+            hidden = connector(features, timestep)
+        with FlopCounterMode(display=False) as unet_count:
+            unet(latents, timestep, encoder_hidden_states=hidden)
+    return connector_count.get_total_flops(), unet_count.get_total_flops()
 
 
 def main() -> None:
@@ -106,6 +123,9 @@ def main() -> None:
           f"connector alone {statistics.median(connector_times) * 1000:.1f} ms")
     print(f"ratio of medians {median_with / median_without:.4f}; median of per-pair ratios {statistics.median(ratios):.4f} "
           "(target <= 1.05)")
+    connector_flops, unet_flops = count_flops(SD15_UNET_CONFIG, BATCH)
+    print(f"FLOPs per step: connector {connector_flops / 1e9:.1f} G, UNet {unet_flops / 1e9:.1f} G, "
+          f"ratio {(connector_flops + unet_flops) / unet_flops:.4f}")
 
 
 def sync(device: torch.device) -> None:
