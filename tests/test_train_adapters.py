@@ -268,3 +268,15 @@ def test_run_adapter_training_refuses_bad_arguments(tmp_path):
         run_adapter_training("projection", tmp_path, concat_clip=True)
     with pytest.raises(ValueError, match="dataset_size must be a positive integer, got 0"):
         run_adapter_training("llm", tmp_path, dataset_size=0)
+
+
+@torch.no_grad()
+def test_frozen_encoders_ignore_the_training_autocast():
+    pipe = tiny_sd_pipeline()
+    method = connector_method(pipe, concat_clip=True)
+    plain_features, (plain_clip, _) = method.language_features(CAPTIONS), method.clip_embeddings(CAPTIONS)
+    method.feature_cache.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features, (clip_hidden, _) = method.language_features(CAPTIONS), method.clip_embeddings(CAPTIONS)
+    assert features.dtype == clip_hidden.dtype == torch.float32
+    assert torch.equal(features, plain_features) and torch.equal(clip_hidden, plain_clip)

@@ -29,6 +29,8 @@ as Zarei et al. train.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,20 +58,11 @@ def is_sdxl_unet(unet: nn.Module) -> bool:
     return unet.config.get("addition_embed_type") == "text_time"
 
 
-class FrozenEncoding:
-    """Runs a frozen encoder as inference does: no gradients, no autocast of the training step."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.no_grad = torch.no_grad()
-        self.no_autocast = torch.autocast(device.type, enabled=False)
-
-    def __enter__(self) -> None:
-        self.no_grad.__enter__()
-        self.no_autocast.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.no_autocast.__exit__(*exc)
-        self.no_grad.__exit__(*exc)
+@contextmanager
+def frozen_encoding(device: torch.device) -> Iterator[None]:
+    """Run a frozen encoder as inference does: no gradients, and none of the training step's autocast."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        yield
 
 
 def run_unet(
@@ -159,7 +152,7 @@ class ConnectorTraining(TrainingMethod):
         """
         new = [caption for caption in dict.fromkeys(captions) if caption not in self.feature_cache]
         if new:
-            with FrozenEncoding(self.adapter.language_model.device):
+            with frozen_encoding(self.adapter.language_model.device):
                 encoded = self.adapter._encode_texts(new)
             self.feature_cache.update({caption: states.cpu() for caption, states in zip(new, encoded)})
         rows = [self.feature_cache[caption] for caption in captions]
@@ -168,7 +161,7 @@ class ConnectorTraining(TrainingMethod):
         return padded.to(self.connector.device)
 
     def clip_embeddings(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with FrozenEncoding(self.clip.text_encoders[0].device):
+        with frozen_encoding(self.clip.text_encoders[0].device):
             return self.clip.embed(captions)
 
     def conditioning(self, captions: list[str], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,14 +259,14 @@ class ProjectionTraining(TrainingMethod):
 
     def conditioning(self, captions: list[str], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(encoder_hidden_states, pooled or None): CLIP embeddings, projected on the selected rows."""
-        with FrozenEncoding(self.clip.text_encoders[0].device):
+        with frozen_encoding(self.clip.text_encoders[0].device):
             embeds, pooled = self.clip.embed(captions)
         selected = self.projected_rows(timesteps).to(embeds.device)
         # Project exactly the selected rows, as ProjectedConditioner does; an empty selection still
         # runs the projection (on no rows) so that every process's graph holds its parameters.
         projected = self.projection(embeds[selected].to(device=self.projection.device, dtype=self.projection.dtype))
-        hidden = embeds.to(projected.dtype).clone()
-        hidden[selected] = projected
+        hidden = embeds.clone()
+        hidden[selected] = projected.to(hidden.dtype)
         return hidden, pooled
 
     def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
