@@ -96,6 +96,9 @@ def test_tiny_run_gives_a_loadable_generating_pipeline(tiny_run):
     for name, value in clip.text_model.state_dict().items():
         assert torch.equal(text_weights[name], value), name
     assert clip.config.vision_config.image_size == 64
+    shipped_vae = load_file(tiny_run / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    fine_tuned_vae = load_file(tiny_run / "decoder" / "final" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped_vae[name], fine_tuned_vae[name]) for name in fine_tuned_vae)
 
 
 def test_finished_stages_are_skipped_on_resume(tiny_run):
@@ -104,11 +107,14 @@ def test_finished_stages_are_skipped_on_resume(tiny_run):
     assert (tiny_run / "clip" / "done.json").stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("stage", ["clip", "unet"])
+TRAINED_STAGES = ["clip", "vae", "unet", "decoder"]
+
+
+@pytest.mark.parametrize("stage", ["clip", "unet", "decoder"])
 def test_interrupted_stage_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch, stage):
     out_dir = tmp_path / "run"
     shutil.copytree(tiny_run, out_dir, ignore=shutil.ignore_patterns("model", "report-*"))
-    for later in ["clip", "vae", "unet"][["clip", "vae", "unet"].index(stage) :]:
+    for later in TRAINED_STAGES[TRAINED_STAGES.index(stage) :]:
         shutil.rmtree(out_dir / later)
     stages = ("tokenizer", stage)
 
@@ -137,5 +143,5 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_run, tmp_path, monke
 def test_unknown_scale_or_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'huge'"):
         train_world(tmp_path, scale="huge")
-    with pytest.raises(ValueError, match="'decoder'"):
-        train_world(tmp_path, scale="tiny", stages=("tokenizer", "decoder"))
+    with pytest.raises(ValueError, match="'upscaler'"):
+        train_world(tmp_path, scale="tiny", stages=("tokenizer", "upscaler"))

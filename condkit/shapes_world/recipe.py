@@ -2,8 +2,10 @@
 
     train_world("runs/world", scale="full")
 
-runs the stages tokenizer → clip → vae → unet → assemble. Each stage works in its own folder
-under `out_dir`, checkpoints atomically and resumes; a finished stage is skipped. "tiny" runs
+runs the stages tokenizer → clip → vae → unet → decoder → assemble. Each stage works in its own
+folder under `out_dir`, checkpoints atomically and resumes; a finished stage is skipped. The
+decoder stage sharpens the VAE decoder with the encoder (and so the UNet's latent space) frozen;
+assemble uses its VAE when that stage has run, the VAE stage's otherwise. "tiny" runs
 every stage for a few steps on tiny models (for tests); "full" is sized for about 80–90 minutes
 on two CPU cores and writes the shipped pipeline folder condkit/shapes_world/model/.
 """
@@ -23,11 +25,12 @@ from .dataset import world_words
 from .stage_runner import atomic_write_json
 from .tokenizer import build_tokenizer, load_tokenizer
 from .train_clip import ClipScale, train_clip
+from .train_decoder import DecoderScale, train_decoder
 from .train_unet import UnetScale, train_unet
 from .train_vae import VaeScale, train_vae
 from .world_data import render_pool
 
-STAGES: tuple[str, ...] = ("tokenizer", "clip", "vae", "unet", "assemble")
+STAGES: tuple[str, ...] = ("tokenizer", "clip", "vae", "unet", "decoder", "assemble")
 SHIPPED_MODEL_DIR = Path(__file__).parent / "model"
 RESOLUTION = 64
 
@@ -39,6 +42,7 @@ class RecipeScale:
     clip: ClipScale
     vae: VaeScale
     unet: UnetScale
+    decoder: DecoderScale
 
 
 SCALES: dict[str, RecipeScale] = {
@@ -54,6 +58,7 @@ SCALES: dict[str, RecipeScale] = {
             channels=(32, 32, 32), attention_levels=(False, True, True), attention_head_dim=8,
             steps=4, batch_size=4, learning_rate=1e-3, ema_decay=0.9, checkpoint_every=2,
         ),  # fmt: skip
+        decoder=DecoderScale(steps=4, batch_size=4, learning_rate=1e-3, checkpoint_every=2, scored_images=4),
     ),
     "full": RecipeScale(
         pool_size=30_000,
@@ -67,6 +72,7 @@ SCALES: dict[str, RecipeScale] = {
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
             steps=3500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
+        decoder=DecoderScale(steps=1500, batch_size=32, learning_rate=3e-4, checkpoint_every=100, scored_images=200),
     ),
 }
 
@@ -114,7 +120,7 @@ def train_world(
     if "tokenizer" in stages and not (resume and (tokenizer_dir / "vocab.json").is_file()):
         build_tokenizer(world_words(), tokenizer_dir)
 
-    needs_data = any(stage in stages for stage in ("clip", "vae", "unet"))
+    needs_data = any(stage in stages for stage in ("clip", "vae", "unet", "decoder"))
     if needs_data:
         tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
         pool = render_pool(recipe.pool_size, seed, out_dir / "data", resolution=RESOLUTION, progress=progress)
@@ -137,13 +143,20 @@ def train_world(
             out_dir / "unet", tokenizer, text_encoder_from_clip(clip), vae, pool, recipe.unet,
             seed=seed, resume=resume, progress=progress,
         )  # fmt: skip
+    if "decoder" in stages:
+        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
+        reports["decoder"] = train_decoder(
+            out_dir / "decoder", vae, pool, held_out, recipe.decoder, seed=seed, resume=resume, progress=progress
+        )
     if "assemble" in stages:
         tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
         clip = CLIPModel.from_pretrained(_require(out_dir / "clip" / "final", "clip"))
-        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
+        decoder_dir = out_dir / "decoder" / "final"
+        vae_dir = decoder_dir if decoder_dir.is_dir() else _require(out_dir / "vae" / "final", "vae")
+        vae = AutoencoderKL.from_pretrained(vae_dir)
         unet = UNet2DConditionModel.from_pretrained(_require(out_dir / "unet" / "final", "unet"))
         save_pipeline(build_pipeline(tokenizer, clip, vae, unet), clip, model_dir)
-        reports["assemble"] = {"model_dir": str(model_dir), "size_mb": folder_size_mb(model_dir)}
+        reports["assemble"] = {"model_dir": str(model_dir), "vae": str(vae_dir), "size_mb": folder_size_mb(model_dir)}
     if reports:
         summary = {"scale": scale, "seed": seed, "recipe": asdict(recipe), "reports": reports}
         atomic_write_json(summary, out_dir / f"report-{'-'.join(reports)}.json")
