@@ -72,7 +72,7 @@ SCALES: dict[str, RecipeScale] = {
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
             steps=3500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
-        decoder=DecoderScale(steps=1500, batch_size=32, learning_rate=3e-4, checkpoint_every=100, scored_images=200),
+        decoder=DecoderScale(steps=1000, batch_size=32, learning_rate=3e-4, checkpoint_every=100, scored_images=200),
     ),
 }
 
