@@ -147,7 +147,10 @@ def run_adapter_training(
     return saved
 
 
-def load_trained_adapter(folder: str | os.PathLike, pipe: Any) -> LLMAdapterConditioner | ConcatConditioner | ProjectedConditioner:
+TrainedConditioner = LLMAdapterConditioner | ConcatConditioner | ProjectedConditioner
+
+
+def load_trained_adapter(folder: str | os.PathLike, pipe: Any) -> TrainedConditioner:
     """The conditioner a `run_adapter_training` folder was trained for, built on `pipe`'s own encoders."""
     folder = Path(folder)
     record_path = folder / RUN_RECORD

@@ -117,7 +117,8 @@ class ConnectorTraining(TrainingMethod):
         concat_clip: bool = False,
         **adapter_options: Any,
     ) -> ConnectorTraining:
-        """Check the connector against `pipe.unet`; `adapter_options` go to LLMAdapterConditioner (flexible_length, max_length)."""
+        """Check the connector against `pipe.unet`; `adapter_options` (flexible_length, max_length) go to
+        LLMAdapterConditioner."""
         adapter = LLMAdapterConditioner.from_pipeline(pipe, tokenizer, language_model, connector, **adapter_options)
         clip = CLIPConditioner.from_pipeline(pipe) if concat_clip else None
         return cls(adapter, clip, pipe.vae_scale_factor)
