@@ -5,9 +5,14 @@
 runs the stages tokenizer → clip → vae → unet → decoder → assemble. Each stage works in its own
 folder under `out_dir`, checkpoints atomically and resumes; a finished stage is skipped. The
 decoder stage sharpens the VAE decoder with the encoder (and so the UNet's latent space) frozen;
-assemble uses its VAE when that stage has run, the VAE stage's otherwise. "tiny" runs
-every stage for a few steps on tiny models (for tests); "full" is sized for about 80–90 minutes
-on two CPU cores and writes the shipped pipeline folder condkit/shapes_world/model/.
+assemble uses its VAE when that stage has run, the VAE stage's otherwise.
+
+"tiny" runs every stage for a few steps on tiny models (for tests). "full" writes the shipped
+pipeline folder condkit/shapes_world/model/ and takes about 2.5 hours on two CPU cores (the
+UNet's 8000 steps are three quarters of it).
+
+To train a finished stage longer, raise its steps here, delete (or rename) the stage's
+done.json and run that stage and "assemble" again: it resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ SCALES: dict[str, RecipeScale] = {
         ),  # fmt: skip
         unet=UnetScale(
             channels=(64, 128, 128), attention_levels=(False, True, True), attention_head_dim=32,
-            steps=3500, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
+            steps=8000, batch_size=32, learning_rate=3e-4, ema_decay=0.999, checkpoint_every=100,
         ),  # fmt: skip
         decoder=DecoderScale(steps=1000, batch_size=32, learning_rate=3e-4, checkpoint_every=100, scored_images=200),
     ),
