@@ -1,0 +1,35 @@
+"""The shipped shapes-world pipeline: loads like any hub model and draws what short prompts say."""
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from condkit.conditioning.clip import CLIPConditioner
+from condkit.pipelines.loading import EMBEDDED_MODEL
+from condkit.shapes_world.prompt_sets import load_prompt_set
+from condkit.shapes_world.scorer import aggregate, score
+
+# Measured with `condkit eval --prompt-set short -n 2` (seed 0 of the first 10 prompts): binding 0.40,
+# colour 1.00. The floors leave room for platform-dependent numerics; the model is weak on shape.
+BINDING_FLOOR = 0.2
+COLOUR_FLOOR = 0.7
+
+
+def test_shipped_folder_is_small_and_complete():
+    size = sum(f.stat().st_size for f in EMBEDDED_MODEL.rglob("*") if f.is_file())
+    assert size <= 40 * 1024 * 1024, f"{size / 2**20:.1f} MB"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip"):
+        assert (EMBEDDED_MODEL / part).is_dir(), part
+
+
+@torch.no_grad()
+def test_short_prompts_score_above_the_floor():
+    torch.set_num_threads(2)
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    captions = load_prompt_set("short")[:10]
+    cond = CLIPConditioner.from_pipeline(pipe).encode([c.text for c in captions])
+    generators = [torch.Generator().manual_seed(0) for _ in captions]
+    images = pipe(**cond.kwargs(), num_inference_steps=25, guidance_scale=5.0, generator=generators).images
+    table = aggregate([score(image, caption.spec) for image, caption in zip(images, captions)])
+    assert table["colour_shape_binding"] >= BINDING_FLOOR, table
+    assert table["colour"] >= COLOUR_FLOOR, table
