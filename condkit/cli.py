@@ -23,6 +23,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the conditioner's from_pipeline, e.g. --opt pad_token=zero --opt text_encoder_path=DIR (repeatable)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a folder written by `condkit train adapter`: use the connector or projection trained there "
+                             "(replaces --conditioner)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
 
@@ -167,7 +170,7 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from condkit.conditioning.base import available_conditioners, get_conditioner_class
+    from condkit.conditioning.base import available_conditioners
     from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, describe_run, generate, save_results
     from condkit.pipelines.loading import load_pipeline
     from condkit.pipelines.prompts_file import read_prompts_file
@@ -180,19 +183,18 @@ def run_generate(args: argparse.Namespace) -> None:
         steps=args.steps, guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, height=args.height, width=args.width,
     )
-    conditioner_class = get_conditioner_class(args.conditioner)
+    conditioner_class = _conditioner_class(args)
     out_dir = check_writable(args.out)
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
-    run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
+    run = describe_run(pipe, _conditioner_name(args), args.model or "condkit:shapes-world", settings)
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from condkit.conditioning.base import get_conditioner_class
     from condkit.pipelines.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
     from condkit.pipelines.generate import GenerationSettings, check_writable, describe_run
     from condkit.pipelines.loading import load_pipeline
@@ -202,13 +204,14 @@ def run_eval(args: argparse.Namespace) -> None:
     load_captions(args.prompt_set)
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                                   height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
-    conditioner_class = get_conditioner_class(args.conditioner)
-    out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{args.conditioner}")
+    conditioner_class = _conditioner_class(args)
+    label = _conditioner_name(args)
+    out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}")
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
-    run = describe_run(pipe, args.conditioner, args.model or "condkit:shapes-world", settings)
+    run = describe_run(pipe, label, args.model or "condkit:shapes-world", settings)
     path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
     print(table_text(report))
     if not args.quiet:
@@ -382,7 +385,31 @@ def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _conditioner_class(args: argparse.Namespace) -> Any:
+    """The registered class for --conditioner, or None when --adapter names a trained adapter folder."""
+    from condkit.conditioning.base import get_conditioner_class
+
+    if args.adapter is None:
+        return get_conditioner_class(args.conditioner)
+    if args.conditioner != "clip" or args.opt or args.clip_skip is not None:
+        raise ValueError("--adapter replaces --conditioner, --opt and --clip-skip; the adapter folder records its own settings")
+    for folder in (Path(args.adapter), Path(args.adapter) / "connector", Path(args.adapter) / "projection"):
+        if (folder / "condkit_adapter.json").is_file():
+            args.adapter = str(folder)
+            return None
+    raise FileNotFoundError(f"--adapter {str(args.adapter)!r} is not a folder written by `condkit train adapter` "
+                            "(no condkit_adapter.json)")
+
+
+def _conditioner_name(args: argparse.Namespace) -> str:
+    return f"adapter:{args.adapter}" if args.adapter is not None else args.conditioner
+
+
 def _build_conditioner(conditioner_class: Any, pipe: Any, args: argparse.Namespace) -> Any:
+    if conditioner_class is None:
+        from condkit.training.adapter_runs import load_trained_adapter
+
+        return load_trained_adapter(args.adapter, pipe)
     options = _conditioner_options(args)
     try:
         return conditioner_class.from_pipeline(pipe, **options)

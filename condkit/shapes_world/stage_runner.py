@@ -118,8 +118,8 @@ class StageRunner:
         }
         atomic_torch_save(state, self.checkpoint_path)
 
-    def run(self, train_step: Callable[[int], float]) -> float:
-        """Call `train_step(step)` for the remaining steps; return the mean loss of the last 50."""
+    def run(self, train_step: Callable[[int], float]) -> float | None:
+        """Call `train_step(step)` for the remaining steps; return the mean loss of the last 50 (None if none ran)."""
         recent: list[float] = []
         bar = tqdm(
             total=self.total_steps,
@@ -137,4 +137,4 @@ class StageRunner:
             if done % self.checkpoint_every == 0 or done == self.total_steps:
                 self.save_checkpoint(done)
         bar.close()
-        return sum(recent) / len(recent) if recent else float("nan")
+        return sum(recent) / len(recent) if recent else None
