@@ -70,29 +70,51 @@ def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed:
     return float(np.mean(found)), float(np.mean(whole))
 
 
-def run_variant(name: str, args, images, concept_phrase: str) -> dict:
-    pipe = load_pipeline(args.model, "cpu", "float32")
+def train_concept(method_name: str, args, images) -> tuple:
+    """A fresh pipeline with the concept learned by TI ("ti") or TI + CoRe ("core")."""
+    pipe = load_pipeline(args.model, "cpu", "float32", progress=False)
     common = dict(placeholder=PLACEHOLDER, initializer="object", num_vectors=args.num_vectors, seed=args.seed)
-    method = TextualInversion(pipe, **common) if name == "ti" else CoRe(pipe, **common)
-    config = TrainingConfig(output_dir=Path(tempfile.mkdtemp()) / name, max_train_steps=args.steps, train_batch_size=4,
-                            learning_rate=5e-3, resolution=64, seed=args.seed, checkpointing_steps=args.steps,
-                            show_progress=not args.quiet)
+    method = TextualInversion(pipe, **common) if method_name == "ti" else CoRe(pipe, **common)
+    config = TrainingConfig(output_dir=Path(tempfile.mkdtemp()) / method_name, max_train_steps=args.steps,
+                            train_batch_size=4, learning_rate=5e-3, resolution=64, seed=args.seed,
+                            checkpointing_steps=args.steps, show_progress=not args.quiet)
     train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config)
-    method.eval()
-    identity = generate_scores(pipe, IDENTITY_PROMPTS, concept_phrase, args.n, args.seed)
-    if name != "core+test-time":
-        alignment = generate_scores(pipe, ALIGNMENT_PROMPTS, concept_phrase, args.n, args.seed)
-    else:
-        trained = [table.new_rows.detach().clone() for table in method.embeddings]
-        per_prompt = []
-        for prompt in ALIGNMENT_PROMPTS:
-            test_time_optimize(method, pipe, prompt, steps=10, lr=5e-4, seed=args.seed, write_back=True)
-            per_prompt.append(generate_scores(pipe, [prompt], concept_phrase, args.n, args.seed))
-            with torch.no_grad():
-                for table, rows in zip(method.embeddings, trained):
-                    table.new_rows.copy_(rows)
-        alignment = (float(np.mean([p[0] for p in per_prompt])), float(np.mean([p[1] for p in per_prompt])))
+    return pipe, method.eval()
+
+
+def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str, args) -> tuple[float, float]:
+    """CoRe's test-time variant: per prompt, adjust the learned embedding for it, generate, restore."""
+    trained = [table.new_rows.detach().clone() for table in method.embeddings]
+    per_prompt = []
+    for prompt in prompts:
+        test_time_optimize(method, pipe, prompt, steps=10, lr=5e-4, seed=args.seed, write_back=True)
+        per_prompt.append(generate_scores(pipe, [prompt], concept_phrase, args.n, args.seed))
+        with torch.no_grad():
+            for table, rows in zip(method.embeddings, trained):
+                table.new_rows.copy_(rows)
+    return float(np.mean([p[0] for p in per_prompt])), float(np.mean([p[1] for p in per_prompt]))
+
+
+def row(identity: tuple[float, float], alignment: tuple[float, float]) -> dict:
     return {"identity": identity[0], "alignment_concept_found": alignment[0], "alignment_all_correct": alignment[1]}
+
+
+def run_variants(variants: list[str], args, images, concept_phrase: str) -> dict:
+    """TI trains once; "core" and "core+test-time" share one CoRe training."""
+    rows = {}
+    if "ti" in variants:
+        pipe, _ = train_concept("ti", args, images)
+        rows["ti"] = row(*(generate_scores(pipe, p, concept_phrase, args.n, args.seed)
+                           for p in (IDENTITY_PROMPTS, ALIGNMENT_PROMPTS)))
+    if "core" in variants or "core+test-time" in variants:
+        pipe, method = train_concept("core", args, images)
+        if "core" in variants:
+            rows["core"] = row(*(generate_scores(pipe, p, concept_phrase, args.n, args.seed)
+                                 for p in (IDENTITY_PROMPTS, ALIGNMENT_PROMPTS)))
+        if "core+test-time" in variants:
+            rows["core+test-time"] = row(*(scores_with_test_time(pipe, method, p, concept_phrase, args)
+                                           for p in (IDENTITY_PROMPTS, ALIGNMENT_PROMPTS)))
+    return rows
 
 
 def main() -> None:
@@ -111,7 +133,11 @@ def main() -> None:
     size, colour, shape = args.concept.split()
     images = concept_images(colour, shape, size, args.images, args.seed)
     concept_phrase = f"a {size} {colour} {shape}"
-    rows = {name: run_variant(name, args, images, concept_phrase) for name in args.variants.split(",")}
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - {"ti", "core", "core+test-time"})
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; expected ti, core, core+test-time")
+    rows = run_variants(variants, args, images, concept_phrase)
     print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt")
     print(f"{'variant':16s} {'identity':>9s} {'align: concept':>15s} {'align: all correct':>19s}")
     for name, row in rows.items():
