@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -99,6 +100,12 @@ def test_tiny_run_gives_a_loadable_generating_pipeline(tiny_run):
     shipped_vae = load_file(tiny_run / "model" / "vae" / "diffusion_pytorch_model.safetensors")
     fine_tuned_vae = load_file(tiny_run / "decoder" / "final" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(shipped_vae[name], fine_tuned_vae[name]) for name in fine_tuned_vae)
+
+
+def test_clip_report_says_which_facts_the_encoder_tells_apart(tiny_run):
+    report = json.loads((tiny_run / "clip" / "done.json").read_text())
+    for kind in ("colour", "shape", "relation"):
+        assert 0.0 <= report[f"prefers_caption_over_{kind}_negative"] <= 1.0
 
 
 def test_finished_stages_are_skipped_on_resume(tiny_run):

@@ -55,9 +55,12 @@ def flip_relation(caption: str, rng: random.Random) -> str | None:
     return caption[: target.start()] + _OPPOSITES[target.group(1)] + caption[target.end() :]
 
 
+PERTURBATIONS = {"colour": swap_colours, "shape": change_shape, "relation": flip_relation}
+
+
 def hard_negative(caption: str, rng: random.Random) -> str | None:
     """One perturbed caption that differs from `caption`, or None when nothing can be changed."""
-    perturbations = [swap_colours, change_shape, flip_relation]
+    perturbations = list(PERTURBATIONS.values())
     rng.shuffle(perturbations)
     for perturb in perturbations:
         negative = perturb(caption, rng)

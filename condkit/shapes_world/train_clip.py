@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-from .hard_negatives import hard_negative
+from .hard_negatives import PERTURBATIONS, hard_negative
 from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
 from .world_data import Pool
 
@@ -94,11 +94,18 @@ def contrastive_loss(
 
 @torch.no_grad()
 def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, group: int = 64) -> dict[str, float]:
-    """Top-1 retrieval within groups of `group` held-out pairs, and hard-negative preference."""
+    """Top-1 retrieval within groups of `group` held-out pairs, and hard-negative preference.
+
+    The preference is reported per perturbation (colour swapped, shape changed, relation flipped)
+    as well as overall: a text encoder that has not learned shapes shows it here first, and the
+    UNet trained on it cannot draw what the encoder does not tell apart.
+    """
     group = min(group, len(pool))
     model.eval()
     rng = random.Random(0)
-    image_hits = text_hits = hard_wins = hard_total = 0
+    image_hits = text_hits = 0
+    wins = {kind: 0 for kind in PERTURBATIONS}
+    totals = {kind: 0 for kind in PERTURBATIONS}
     for start in range(0, len(pool) - group + 1, group):
         captions = pool.captions[start : start + group]
         image_emb = image_embeddings(model, pool.images[start : start + group])
@@ -108,21 +115,23 @@ def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, g
         best_image = similarity.argmax(dim=0).tolist()
         image_hits += sum(captions[j] == captions[i] for i, j in enumerate(best_text))
         text_hits += sum(captions[j] == captions[i] for i, j in enumerate(best_image))
-        pairs = [(i, hard_negative(c, rng)) for i, c in enumerate(captions)]
-        pairs = [(i, n) for i, n in pairs if n is not None]
-        if pairs:
-            negative_emb = text_embeddings(model, tokenizer, [n for _, n in pairs])
-            rows = torch.tensor([i for i, _ in pairs])
-            positive = (image_emb[rows] * text_emb[rows]).sum(-1)
-            negative = (image_emb[rows] * negative_emb).sum(-1)
-            hard_wins += int((positive > negative).sum())
-            hard_total += len(pairs)
+        for kind, perturb in PERTURBATIONS.items():
+            pairs = [(i, perturb(c, rng)) for i, c in enumerate(captions)]
+            pairs = [(i, n) for i, n in pairs if n is not None and n != captions[i]]
+            if pairs:
+                negative_emb = text_embeddings(model, tokenizer, [n for _, n in pairs])
+                rows = torch.tensor([i for i, _ in pairs])
+                positive = (image_emb[rows] * text_emb[rows]).sum(-1)
+                negative = (image_emb[rows] * negative_emb).sum(-1)
+                wins[kind] += int((positive > negative).sum())
+                totals[kind] += len(pairs)
     evaluated = (len(pool) // group) * group
     model.train()
     return {
         "image_to_text_top1": image_hits / evaluated,
         "text_to_image_top1": text_hits / evaluated,
-        "prefers_caption_over_hard_negative": hard_wins / max(hard_total, 1),
+        "prefers_caption_over_hard_negative": sum(wins.values()) / max(sum(totals.values()), 1),
+        **{f"prefers_caption_over_{kind}_negative": wins[kind] / max(totals[kind], 1) for kind in PERTURBATIONS},
         "retrieval_group_size": group,
         "evaluated_pairs": evaluated,
     }
