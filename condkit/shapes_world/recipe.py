@@ -68,7 +68,7 @@ SCALES: dict[str, RecipeScale] = {
     "full": RecipeScale(
         pool_size=30_000,
         held_out_size=1024,
-        clip=ClipScale(width=128, layers=4, heads=4, steps=500, batch_size=96, learning_rate=5e-4, checkpoint_every=50),
+        clip=ClipScale(width=128, layers=4, heads=4, steps=2000, batch_size=96, learning_rate=5e-4, checkpoint_every=50),
         vae=VaeScale(
             channels=(16, 32, 64), steps=2000, batch_size=32, learning_rate=1e-3, kl_weight=1e-6, checkpoint_every=100,
             scored_images=200,
