@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     long_clip.add_argument("--batch-size", type=int, default=64)
     long_clip.add_argument("--learning-rate", type=float, default=1e-4)
     long_clip.add_argument("--seed", type=int, default=0)
-    long_clip.add_argument("--out", default="runs/long-clip", help="folder for text_encoder/ and tokenizer/")
+    long_clip.add_argument("--checkpointing-steps", type=int, default=100)
+    long_clip.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    long_clip.add_argument("--out", default="runs/long-clip", help="folder for checkpoints/, text_encoder/ and tokenizer/")
     long_clip.add_argument("--quiet", action="store_true")
     long_clip.set_defaults(handler=run_train_long_clip)
 
@@ -286,19 +288,24 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
     from condkit.pipelines.loading import EMBEDDED_MODEL
-    from condkit.training.long_clip import LongCLIPTrainingConfig, save_long_clip_text_encoder, shapes_world_pairs, train_long_clip
+    from condkit.training.long_clip import LongCLIPMethod, save_long_clip_text_encoder, shapes_world_pairs, train_long_clip
+    from condkit.training.loop import TrainingConfig
 
     clip_dir = Path(args.clip) if args.clip else EMBEDDED_MODEL / "clip"
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else EMBEDDED_MODEL / "tokenizer"
     for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
-    config = LongCLIPTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                    seed=args.seed, progress=not args.quiet)
-    result = train_long_clip(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir),
-                             shapes_world_pairs(args.pairs, seed=args.seed), config)
-    folder = save_long_clip_text_encoder(result.model, result.tokenizer, args.out)
-    print(f"final loss {result.losses[-1]:.4f}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
+    config = TrainingConfig(
+        output_dir=args.out, max_train_steps=args.steps, train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
+        resume_from_checkpoint="latest" if args.resume else None, show_progress=not args.quiet,
+    )  # fmt: skip
+    method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
+    result = train_long_clip(method, shapes_world_pairs(args.pairs, seed=args.seed), config)
+    folder = save_long_clip_text_encoder(method.model, method.tokenizer, args.out)
+    loss = f"final loss {result.losses[-1]:.4f}" if result.losses else f"already at step {result.last_step}"
+    print(f"{loss}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
 
 
 def run_train_adapter(args: argparse.Namespace) -> None:

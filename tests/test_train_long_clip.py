@@ -1,4 +1,4 @@
-"""Long-CLIP fine-tuning on a tiny CLIPModel: primary components, frozen first rows, a falling loss."""
+"""Long-CLIP fine-tuning on a tiny CLIPModel: primary components, frozen first rows, a falling loss, exact resume."""
 
 import pytest
 import torch
@@ -6,12 +6,13 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from condkit.conditioning.long_clip import LongCLIPConditioner, position_count
 from condkit.training.long_clip import (
-    LongCLIPTrainingConfig,
+    LongCLIPMethod,
     primary_components,
     save_long_clip_text_encoder,
     shapes_world_pairs,
     train_long_clip,
 )
+from condkit.training.loop import TrainingConfig, train
 from tiny_models import byte_tokenizer, tiny_sd_pipeline
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "white": (1.0, 1.0, 1.0)}
@@ -65,28 +66,40 @@ def test_primary_components_pass_gradients_to_the_features():
     assert features.grad is not None and features.grad.abs().sum() > 0
 
 
-def test_batches_too_small_for_the_components_are_refused():
-    with pytest.raises(ValueError, match="batch_size 32 with components 32.*expected batch_size >= 34"):
-        LongCLIPTrainingConfig(batch_size=32, components=32)
+def test_batches_too_small_for_the_components_are_refused(tmp_path):
+    method = LongCLIPMethod(*tiny_clip(), components=32)
+    config = TrainingConfig(tmp_path / "run", max_train_steps=1, train_batch_size=32, show_progress=False)
+    with pytest.raises(ValueError, match="batch size 32 with components 32.*expected >= 34"):
+        train_long_clip(method, colour_pairs(40), config)
+    assert not (tmp_path / "run").exists()
 
 
-def run(steps, pairs=16):
+def test_the_denoising_entry_point_refuses_it():
+    with pytest.raises(TypeError, match="computes its own loss; run it with train_with_own_loss"):
+        train(LongCLIPMethod(*tiny_clip()), None, None, None, [], TrainingConfig("unused", max_train_steps=1))
+
+
+def run(steps, folder, pairs=16, resume=False, checkpointing_steps=100):
     model, tokenizer = tiny_clip()
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    config = LongCLIPTrainingConfig(steps=steps, batch_size=8, components=2, learning_rate=1e-3, progress=False)
-    return original, train_long_clip(model, tokenizer, colour_pairs(pairs), config)
+    method = LongCLIPMethod(model, tokenizer, components=2)
+    config = TrainingConfig(
+        folder, max_train_steps=steps, train_batch_size=8, learning_rate=1e-3, show_progress=False,
+        checkpointing_steps=checkpointing_steps, resume_from_checkpoint="latest" if resume else None,
+    )  # fmt: skip
+    return original, method, train_long_clip(method, colour_pairs(pairs), config)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return run(steps=12)
+def trained(tmp_path_factory):
+    return run(steps=12, folder=tmp_path_factory.mktemp("long-clip"))
 
 
 def test_text_tower_is_stretched_with_the_first_rows_frozen(trained):
-    original, result = trained
-    model = result.model
+    original, method, _ = trained
+    model = method.model
     assert position_count(model.text_model) == 248 and model.config.text_config.max_position_embeddings == 248
-    assert result.tokenizer.model_max_length == 248
+    assert method.tokenizer.model_max_length == 248
     table = model.text_model.embeddings.position_embedding.weight
     assert torch.equal(table[:20], original["text_model.embeddings.position_embedding.weight"][:20])
     assert not torch.allclose(table[20:77], original["text_model.embeddings.position_embedding.weight"][20:77])
@@ -95,11 +108,14 @@ def test_text_tower_is_stretched_with_the_first_rows_frozen(trained):
     assert all(torch.equal(tensor, original[name]) for name, tensor in vision.items())
 
 
-def test_loss_falls_and_runs_repeat_exactly(trained):
-    losses = trained[1].losses
+def test_loss_falls_and_a_resumed_run_continues_the_same_curve(trained, tmp_path):
+    losses = trained[2].losses
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
-    assert run(steps=3)[1].losses == losses[:3]
+    first = run(steps=5, folder=tmp_path, checkpointing_steps=5)[2]
+    assert first.losses == losses[:5]
+    resumed = run(steps=12, folder=tmp_path, resume=True)[2]
+    assert resumed.first_step == 5 and resumed.losses == losses[5:]
 
 
 @torch.no_grad()

@@ -9,14 +9,24 @@ Each step takes images with a long and a short caption of the same picture (Zhan
 
 Both are symmetric cross-entropy over the batch with label smoothing, at the model's logit scale;
 the loss is their sum. As in Long-CLIP, the first `keep` rows of the stretched position table stay
-exactly as CLIP learned them (their gradient is masked and they get no weight decay), and the rows
-after them are trained. The vision tower is frozen unless `train_vision`.
+exactly as CLIP learned them (they are put back after every optimizer step), and the rows after
+them are trained. The vision tower is frozen unless `train_vision`.
 
 Long-CLIP's released code silently does nothing for the short-caption branch when the batch has no
 more than `components` + 1 images (centred features then have rank < `components`, so the
 projection is exact); here that configuration is refused.
 
-Self-contained for now: it does not use the shared denoising loop in `condkit.training.loop`.
+It runs on the shared training loop as a `LossMethod`, so checkpoints, exact resume, the NaN
+guard, gradient accumulation and several processes work as for every other method:
+
+    method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
+    train_long_clip(method, shapes_world_pairs(4096), TrainingConfig("runs/long-clip", max_train_steps=300,
+                                                                     train_batch_size=64, learning_rate=1e-4))
+    save_long_clip_text_encoder(method.model, method.tokenizer, "runs/long-clip")
+
+With several processes or accumulation micro-batches, each micro-batch is its own contrastive
+batch (features are not gathered across processes), so each must hold more than `components` + 1
+images.
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModelWithProjection
 
 from condkit.conditioning.long_clip import (
@@ -45,40 +53,8 @@ from condkit.conditioning.long_clip import (
 )
 from condkit.conditioning.long_clip_convert import save_with_prefix
 
-
-@dataclass
-class LongCLIPTrainingConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    learning_rate: float = 1e-6
-    weight_decay: float = 1e-2
-    components: int = 32
-    label_smoothing: float = 0.1
-    keep: int = LONG_CLIP_KEEP
-    ratio: int = LONG_CLIP_RATIO
-    stretch: bool = True  # False: the text tower is already long (a converted Long-CLIP)
-    train_vision: bool = False
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "components"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size <= self.components + 1:
-            raise ValueError(
-                f"batch_size {self.batch_size} with components {self.components}: primary-component matching is a "
-                f"no-op unless batch_size > components + 1; expected batch_size >= {self.components + 2}"
-            )
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-
-@dataclass
-class LongCLIPTrainingResult:
-    model: CLIPModel
-    tokenizer: Any
-    losses: list[float] = field(default_factory=list)
+from .loop import TrainingConfig, TrainingResult, train_with_own_loss
+from .method import LossMethod
 
 
 def primary_components(features: torch.Tensor, components: int) -> torch.Tensor:
@@ -103,72 +79,102 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
     return (image_to_text + text_to_image) / 2
 
 
-def train_long_clip(
-    model: CLIPModel, tokenizer: Any, pairs: Sequence[dict[str, Any]], config: LongCLIPTrainingConfig
-) -> LongCLIPTrainingResult:
-    """Fine-tune `model` in place on `pairs`: mappings with "image" (a (3, H, W) float tensor, normalised as
-    the vision tower expects), "long_caption" and "short_caption"."""
-    if len(pairs) < config.batch_size:
-        raise ValueError(f"got {len(pairs)} training pairs; expected at least batch_size={config.batch_size}")
-    torch.manual_seed(config.seed)
-    if config.stretch:
-        stretch_text_model(model.text_model, config.keep, config.ratio, inplace=True)
-        model.config.text_config.max_position_embeddings = position_count(model.text_model)
-    window = position_count(model.text_model)
-    tokenizer = stretch_tokenizer(tokenizer, window)
+class LongCLIPMethod(LossMethod):
+    """A CLIPModel whose text tower is stretched (unless `stretch=False`: already long) and fine-tuned.
 
-    trainable = _select_trainable(model, config)
-    optimizer = _optimizer(model, trainable, config)
-    table = text_embeddings(model.text_model).position_embedding.weight
-    order = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    model.train()
-    for _ in tqdm(range(config.steps), desc="Long-CLIP", disable=not config.progress, dynamic_ncols=True):
-        batch = [pairs[int(i)] for i in torch.randperm(len(pairs), generator=order)[: config.batch_size]]
-        images = torch.stack([item["image"] for item in batch]).to(model.device, model.dtype)
-        with torch.set_grad_enabled(config.train_vision):
+    Dataset items are mappings with "image" (a (3, H, W) float tensor, normalised as the vision
+    tower expects), "long_caption" and "short_caption". The text tower and text projection train
+    (and the vision tower with its projection if `train_vision`); the first `keep` position rows
+    are put back after every optimizer step, so they stay exactly as CLIP learned them.
+    """
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        tokenizer: Any,
+        *,
+        components: int = 32,
+        label_smoothing: float = 0.1,
+        keep: int = LONG_CLIP_KEEP,
+        ratio: int = LONG_CLIP_RATIO,
+        stretch: bool = True,
+        train_vision: bool = False,
+    ) -> None:
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if stretch:
+            stretch_text_model(model.text_model, keep, ratio, inplace=True)
+            model.config.text_config.max_position_embeddings = position_count(model.text_model)
+        self.model = model
+        self.window = position_count(model.text_model)
+        self.tokenizer = stretch_tokenizer(tokenizer, self.window)
+        self.components = components
+        self.label_smoothing = label_smoothing
+        self.keep, self.ratio, self.stretch, self.train_vision = keep, ratio, stretch, train_vision
+        model.requires_grad_(False)
+        towers: list[nn.Module] = [model.text_model, model.text_projection]
+        if train_vision:
+            towers += [model.vision_model, model.visual_projection]
+        for tower in towers:
+            tower.requires_grad_(True)
+        self.register_buffer("kept_rows", self._position_table()[:keep].detach().clone(), persistent=False)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "components": self.components, "label_smoothing": self.label_smoothing, "keep": self.keep,
+            "ratio": self.ratio, "stretch": self.stretch, "train_vision": self.train_vision,
+        }  # fmt: skip
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size <= self.components + 1:
+            raise ValueError(
+                f"batch size {batch_size} with components {self.components}: primary-component matching is a "
+                f"no-op unless the batch holds more than components + 1 images; expected >= {self.components + 2}"
+            )
+
+    def forward(self, items: Sequence[dict[str, Any]]) -> torch.Tensor:  # type: ignore[override]
+        self.check_batch_size(len(items))
+        model = self.model
+        images = torch.stack([item["image"] for item in items]).to(model.device, model.dtype)
+        with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
             image_features = model.visual_projection(model.vision_model(pixel_values=images).pooler_output)
-        long_text = _text_features(model, tokenizer, [item["long_caption"] for item in batch], window)
-        short_text = _text_features(model, tokenizer, [item["short_caption"] for item in batch], window)
+        long_text = self._text_features([item["long_caption"] for item in items])
+        short_text = self._text_features([item["short_caption"] for item in items])
         scale = model.logit_scale.exp()
-        loss = contrastive_loss(image_features, long_text, scale, config.label_smoothing) + contrastive_loss(
-            primary_components(image_features, config.components), short_text, scale, config.label_smoothing
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        table.grad[: config.keep] = 0  # CLIP's well-trained first rows stay as they are
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    model.requires_grad_(False)
-    return LongCLIPTrainingResult(model, tokenizer, losses)
+        fine_grained = contrastive_loss(image_features, long_text, scale, self.label_smoothing)
+        primary = primary_components(image_features, self.components)
+        return fine_grained + contrastive_loss(primary, short_text, scale, self.label_smoothing)
+
+    def after_optimizer_step(self, step: int) -> None:
+        with torch.no_grad():
+            self._position_table()[: self.keep] = self.kept_rows
+
+    def _position_table(self) -> torch.Tensor:
+        return text_embeddings(self.model.text_model).position_embedding.weight
+
+    def _text_features(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(captions, padding="longest", return_tensors="pt")
+        if tokens.input_ids.shape[1] > self.window:
+            too_long = int((tokens.attention_mask.sum(dim=1) > self.window).sum())
+            warnings.warn(
+                f"{too_long} caption(s) longer than {self.window} tokens were truncated to {self.window}", stacklevel=3
+            )
+            tokens = self.tokenizer(
+                captions, padding="longest", truncation=True, max_length=self.window, return_tensors="pt"
+            )
+        pooled = self.model.text_model(input_ids=tokens.input_ids.to(self.model.device)).pooler_output
+        return self.model.text_projection(pooled)
 
 
-def _select_trainable(model: CLIPModel, config: LongCLIPTrainingConfig) -> list[nn.Parameter]:
-    model.requires_grad_(False)
-    towers: list[nn.Module] = [model.text_model, model.text_projection]
-    if config.train_vision:
-        towers += [model.vision_model, model.visual_projection]
-    for tower in towers:
-        tower.requires_grad_(True)
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
-def _optimizer(model: CLIPModel, trainable: list[nn.Parameter], config: LongCLIPTrainingConfig) -> torch.optim.Optimizer:
-    table = text_embeddings(model.text_model).position_embedding.weight
-    rest = [parameter for parameter in trainable if parameter is not table]
-    groups = [{"params": rest, "weight_decay": config.weight_decay}, {"params": [table], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def _text_features(model: CLIPModel, tokenizer: Any, captions: list[str], window: int) -> torch.Tensor:
-    tokens = tokenizer(captions, padding="longest", return_tensors="pt")
-    if tokens.input_ids.shape[1] > window:
-        too_long = int((tokens.attention_mask.sum(dim=1) > window).sum())
-        warnings.warn(f"{too_long} caption(s) longer than {window} tokens were truncated to {window}", stacklevel=3)
-        tokens = tokenizer(captions, padding="longest", truncation=True, max_length=window, return_tensors="pt")
-    pooled = model.text_model(input_ids=tokens.input_ids.to(model.device)).pooler_output
-    return model.text_projection(pooled)
+def train_long_clip(method: LongCLIPMethod, pairs: Sequence[dict[str, Any]], config: TrainingConfig) -> TrainingResult:
+    """Fine-tune `method.model` in place on `pairs` with the shared loop; it is left in eval mode, frozen."""
+    method.check_batch_size(config.train_batch_size)
+    result = train_with_own_loss(method, pairs, config)
+    method.model.eval().requires_grad_(False)
+    return result
 
 
 def save_long_clip_text_encoder(model: CLIPModel, tokenizer: Any, folder: str | Path) -> Path:

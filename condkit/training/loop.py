@@ -1,18 +1,18 @@
-"""The denoising training loop every condkit training method runs on.
+"""The training loop every condkit training method runs on.
 
     config = TrainingConfig(output_dir="runs/ti", max_train_steps=3000, learning_rate=5e-4,
                             gradient_accumulation_steps=4, checkpointing_steps=500)
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    result = train_with_own_loss(long_clip_method, pairs, config)     # a LossMethod, no UNet
 
-`method` is a `TrainingMethod` (see condkit.training.method); `dataset` is any indexable of
-(image, caption) pairs or of mappings with "image" and "caption" keys. Each step the loop draws
-images, takes their latents from the cache (the VAE encodes each image once), adds noise at
-random timesteps (DDPM forward process of the scheduler's betas), asks the method for the UNet
-prediction and regresses it on the target the scheduler's prediction_type names (epsilon,
-v_prediction or sample). The method's trainable parameters are optimised with AdamW under
-accelerate: mixed precision, gradient accumulation and several processes (`torchrun` or
-`accelerate launch`; gradients are averaged across processes, so results do not depend on how a
-step's samples are split between processes and micro-batches).
+`train` minimises the denoising loss (condkit.training.objectives.DenoisingObjective) for a
+`TrainingMethod`; `dataset` is any indexable of (image, caption) pairs or of mappings with
+"image" and "caption" keys. `train_with_own_loss` runs a `LossMethod`, which computes its loss
+from the dataset's items itself (Long-CLIP fine-tuning). Either way the method's trainable
+parameters are optimised with AdamW under accelerate: mixed precision, gradient accumulation and
+several processes (`torchrun` or `accelerate launch`; gradients are averaged across processes, so
+for the denoising loss results do not depend on how a step's samples are split between processes
+and micro-batches).
 
 Checkpoints (see condkit.training.checkpoint) make runs resumable exactly: the loss curve after a
 resume equals the uninterrupted one. A NaN or infinite loss or gradient stops the run with
@@ -32,21 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .latent_cache import Dataset, LatentCache
-from .method import MethodOutput, TrainingBatch, TrainingMethod
-from .sampling import DataOrder, sample_generator
+from .latent_cache import Dataset
+from .method import LossMethod, MethodOutput, TrainingBatch, TrainingMethod
+from .objectives import DenoisingObjective, OwnLossObjective
+from .sampling import DataOrder
 
 __all__ = [
+    "LossMethod",
     "MethodOutput",
     "NonFiniteLossError",
     "TrainingBatch",
@@ -54,10 +54,10 @@ __all__ = [
     "TrainingMethod",
     "TrainingResult",
     "train",
+    "train_with_own_loss",
 ]
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Schedules whose learning rate at a step does not depend on max_train_steps; with these a run
 # may be resumed with a larger max_train_steps.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -178,51 +178,78 @@ def train(
     returns are saved as PNGs under output_dir/validation/step-NNNNNN/. It cannot change the
     training curve: the generator states are restored after it.
     """
-    return _TrainingRun(method, unet, vae, noise_scheduler, dataset, config, validate, accelerator).run()
+    if isinstance(method, LossMethod):
+        raise TypeError(f"{type(method).__name__} computes its own loss; run it with train_with_own_loss")
+    if not isinstance(method, TrainingMethod):
+        raise TypeError(f"method must be a condkit TrainingMethod, got {type(method).__name__}")
+    accelerator = _checked_accelerator(accelerator, config)
+    if not any(module is unet for module in method.modules()):
+        unet.requires_grad_(False)
+    objective = DenoisingObjective(
+        unet, vae, noise_scheduler, dataset, seed=config.seed, noise_offset=config.noise_offset,
+        resolution=config.resolution, vae_batch_size=config.vae_batch_size, device=accelerator.device,
+    )  # fmt: skip
+    return _TrainingRun(method, objective, len(dataset), config, validate, accelerator).run()
+
+
+def train_with_own_loss(
+    method: LossMethod,
+    dataset: Dataset,
+    config: TrainingConfig,
+    *,
+    validate: ValidationCallback | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainingResult:
+    """Train a `LossMethod` on `dataset` (any indexable; the method reads its items); see the module docstring."""
+    if not isinstance(method, LossMethod):
+        raise TypeError(f"method must be a condkit LossMethod, got {type(method).__name__}")
+    accelerator = _checked_accelerator(accelerator, config)
+    return _TrainingRun(method, OwnLossObjective(dataset), len(dataset), config, validate, accelerator).run()
+
+
+def _checked_accelerator(accelerator: Accelerator | None, config: TrainingConfig) -> Accelerator:
+    given = accelerator is not None
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes but the accelerator sees {accelerator.num_processes}; "
+            "every process would train alone on the full data"
+        )
+    if given and config.mixed_precision not in ("auto", accelerator.mixed_precision):
+        raise ValueError(
+            f"config.mixed_precision is {config.mixed_precision!r} but the accelerator given uses "
+            f"{accelerator.mixed_precision!r}; set one of them to match"
+        )
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} steps; expected 1 "
+            "(set gradient_accumulation_steps in TrainingConfig instead)"
+        )
+    return accelerator
 
 
 class _TrainingRun:
     def __init__(
         self,
         method: TrainingMethod,
-        unet: nn.Module,
-        vae: nn.Module,
-        noise_scheduler: Any,
-        dataset: Dataset,
+        objective: DenoisingObjective | OwnLossObjective,
+        dataset_size: int,
         config: TrainingConfig,
         validate: ValidationCallback | None,
-        accelerator: Accelerator | None,
+        accelerator: Accelerator,
     ) -> None:
-        if not isinstance(method, TrainingMethod):
-            raise TypeError(f"method must be a condkit TrainingMethod, got {type(method).__name__}")
         self.config = config
         self.validate = validate
-        self.accelerator = accelerator or make_accelerator(config.mixed_precision)
-        self._check_accelerator(given=accelerator is not None)
-        self.prediction_type = noise_scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unsupported prediction_type {self.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}"
-            )
-        # Training always uses the DDPM forward process of the pipeline scheduler's betas.
-        self.noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-
+        self.accelerator = accelerator
+        self.objective = objective
         self.method = method
         self.parameters = method.trainable_parameters()
         if not self.parameters:
             raise ValueError(f"{method.method_name} has no trainable parameters (none requires grad)")
-        device = self.accelerator.device
-        if not any(module is unet for module in method.modules()):
-            unet.requires_grad_(False)
-        self.unet = unet.to(device)
-        vae.requires_grad_(False).eval().to(device)
-        self.latents = LatentCache(
-            vae, dataset, resolution=config.resolution, chunk_size=config.vae_batch_size, device=device
-        )
         processes = self.accelerator.num_processes
         self.order = DataOrder(
-            len(dataset), config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed
+            dataset_size, config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed
         )
         self.optimizer = torch.optim.AdamW(
             self.parameters,
@@ -238,30 +265,12 @@ class _TrainingRun:
             num_training_steps=config.max_train_steps,
         )
 
-        self.fingerprint = self._fingerprint(len(dataset))
+        self.fingerprint = self._fingerprint(dataset_size)
         self.resume_from = self._checkpoint_to_resume()
         self.start_step = self._load_checkpoint(self.resume_from) if self.resume_from is not None else 0
         self.model, self.optimizer = self.accelerator.prepare(method, self.optimizer)
         if self.resume_from is not None and self.accelerator.scaler is not None:
             ckpt.load_stateful(self.resume_from, ckpt.SCALER_FILE, self.accelerator.scaler)
-
-    def _check_accelerator(self, given: bool) -> None:
-        launched = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
-        if self.accelerator.num_processes != launched:
-            raise RuntimeError(
-                f"launched as {launched} processes but the accelerator sees {self.accelerator.num_processes}; "
-                "every process would train alone on the full data"
-            )
-        if given and self.config.mixed_precision not in ("auto", self.accelerator.mixed_precision):
-            raise ValueError(
-                f"config.mixed_precision is {self.config.mixed_precision!r} but the accelerator given uses "
-                f"{self.accelerator.mixed_precision!r}; set one of them to match"
-            )
-        if self.accelerator.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"the accelerator given accumulates {self.accelerator.gradient_accumulation_steps} steps; expected 1 "
-                "(set gradient_accumulation_steps in TrainingConfig instead)"
-            )
 
     def _load_checkpoint(self, checkpoint: Path) -> int:
         """Load a checkpoint of this same run (checked first, so a refused one leaves everything as it was)."""
@@ -292,7 +301,7 @@ class _TrainingRun:
             "method": self.method.method_name,
             "settings": _json_roundtrip(self.method.settings()),
             "trainable": {name: list(tensor.shape) for name, tensor in self.method.trainable_state_dict().items()},
-            "prediction_type": self.prediction_type,
+            **self.objective.fingerprint(),
             "mixed_precision": self.accelerator.mixed_precision,
             "num_processes": self.accelerator.num_processes,
             "dataset_size": dataset_size,
@@ -364,7 +373,7 @@ class _TrainingRun:
             last_micro = micro == accumulation - 1
             sync = contextlib.nullcontext() if last_micro else self.accelerator.no_sync(self.model)
             with sync:
-                loss = self._micro_batch_loss(step, mine, numbers)
+                loss = self.objective.loss(self.model, step, mine, numbers)
                 mean_loss = self._mean_over_processes(loss)
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(
@@ -384,35 +393,6 @@ class _TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(step + 1)
         return step_loss
-
-    def _micro_batch_loss(self, step: int, indices: torch.Tensor, sample_numbers: range) -> torch.Tensor:
-        generators = [sample_generator(self.config.seed, number) for number in sample_numbers]
-        latents, captions = self.latents.sample(indices, generators)
-        shape = latents.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        timesteps = torch.cat([torch.randint(self.num_train_timesteps, (1,), generator=g) for g in generators])
-        if self.config.noise_offset:
-            # Drawn last so that the base noise is the same with and without an offset.
-            offsets = torch.stack([torch.randn((shape[0], 1, 1), generator=g) for g in generators])
-            noise = noise + self.config.noise_offset * offsets
-        device = self.accelerator.device
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        batch = TrainingBatch(indices=indices, captions=captions, latents=latents, noise=noise, step=step)
-        output = self.model(self.unet, batch, noisy, timesteps)
-        if not isinstance(output, MethodOutput):
-            output = MethodOutput(prediction=output)
-        loss = F.mse_loss(output.prediction.float(), self._target(latents, noise, timesteps).float())
-        if output.extra_loss is not None:
-            loss = loss + output.extra_loss
-        return loss
-
-    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        return latents
 
     def _mean_over_processes(self, loss: torch.Tensor) -> float:
         if self.accelerator.num_processes == 1:

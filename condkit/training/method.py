@@ -26,6 +26,7 @@ exactly `trainable_parameters()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -99,3 +100,15 @@ class TrainingMethod(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step with the number of steps completed (e.g. to rescale a norm)."""
+
+
+class LossMethod(TrainingMethod):
+    """A method with its own objective instead of the denoising loss, run by `train_with_own_loss`.
+
+    `forward(items)` gets one process's share of a micro-batch as the dataset's items and returns
+    the scalar loss. Everything else (optimizer, accumulation, processes, checkpoints, resume, the
+    NaN guard, progress) is the shared loop's, as for the diffusion methods.
+    """
+
+    def forward(self, items: Sequence[Any]) -> torch.Tensor:  # type: ignore[override]
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(items) -> loss")

@@ -1,0 +1,103 @@
+"""What the shared loop minimises: the denoising loss, or a method's own loss.
+
+DenoisingObjective serves every diffusion training method (TrainingMethod). For one process's
+share of a micro-batch it takes the images' latents from the cache (the VAE encodes each image
+once), adds noise at random timesteps (the DDPM forward process of the scheduler's betas), asks
+the method for the UNet prediction and regresses it on the target the scheduler's
+prediction_type names (epsilon, v_prediction or sample), plus any extra loss term the method
+returns. Every sample's latent draw, noise and timestep come from its own generator
+(`sample_generator`), so the loss does not depend on how a step is split between processes.
+
+OwnLossObjective serves a LossMethod (Long-CLIP's contrastive fine-tuning): the method gets the
+micro-batch's dataset items and returns the loss itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from .latent_cache import Dataset, LatentCache
+from .method import MethodOutput, TrainingBatch
+from .sampling import sample_generator
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DenoisingObjective:
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        noise_scheduler: Any,
+        dataset: Dataset,
+        *,
+        seed: int,
+        noise_offset: float,
+        resolution: int | None,
+        vae_batch_size: int,
+        device: torch.device,
+    ) -> None:
+        self.prediction_type = noise_scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}"
+            )
+        # Training always uses the DDPM forward process of the pipeline scheduler's betas.
+        self.noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.seed = seed
+        self.noise_offset = noise_offset
+        self.device = device
+        self.unet = unet.to(device)
+        vae.requires_grad_(False).eval().to(device)
+        self.latents = LatentCache(vae, dataset, resolution=resolution, chunk_size=vae_batch_size, device=device)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint, beyond the loop's own settings."""
+        return {"prediction_type": self.prediction_type}
+
+    def loss(self, model: nn.Module, step: int, indices: torch.Tensor, sample_numbers: range) -> torch.Tensor:
+        generators = [sample_generator(self.seed, number) for number in sample_numbers]
+        latents, captions = self.latents.sample(indices, generators)
+        shape = latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        timesteps = torch.cat([torch.randint(self.num_train_timesteps, (1,), generator=g) for g in generators])
+        if self.noise_offset:
+            # Drawn last so that the base noise is the same with and without an offset.
+            offsets = torch.stack([torch.randn((shape[0], 1, 1), generator=g) for g in generators])
+            noise = noise + self.noise_offset * offsets
+        latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        batch = TrainingBatch(indices=indices, captions=captions, latents=latents, noise=noise, step=step)
+        output = model(self.unet, batch, noisy, timesteps)
+        if not isinstance(output, MethodOutput):
+            output = MethodOutput(prediction=output)
+        loss = F.mse_loss(output.prediction.float(), self._target(latents, noise, timesteps).float())
+        if output.extra_loss is not None:
+            loss = loss + output.extra_loss
+        return loss
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return latents
+
+
+class OwnLossObjective:
+    """For a `LossMethod`: the dataset items of the micro-batch go to the method, which returns the loss."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {}
+
+    def loss(self, model: nn.Module, step: int, indices: torch.Tensor, sample_numbers: range) -> torch.Tensor:
+        return model([self.dataset[index] for index in indices.tolist()])
