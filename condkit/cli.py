@@ -288,6 +288,7 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
     from condkit.pipelines.loading import EMBEDDED_MODEL
+    from condkit.training.checkpoint import list_checkpoints
     from condkit.training.long_clip import LongCLIPMethod, save_long_clip_text_encoder, shapes_world_pairs, train_long_clip
     from condkit.training.loop import TrainingConfig
 
@@ -296,6 +297,8 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
+    if list_checkpoints(Path(args.out) / "checkpoints") and not args.resume:
+        raise FileExistsError(f"{args.out!r} already holds a Long-CLIP run; use another --out or --resume")
     config = TrainingConfig(
         output_dir=args.out, max_train_steps=args.steps, train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
@@ -438,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         args.handler(args)
     except USER_ERRORS as error:

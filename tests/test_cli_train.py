@@ -158,3 +158,27 @@ def test_train_adapter_unknown_kind(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "adapter", "--kind", "nope"])
     assert exit_info.value.code == 2
+
+
+def test_long_clip_training_checkpoints_and_resumes(tmp_path, capsys):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    from condkit.pipelines.loading import EMBEDDED_MODEL
+
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL / "tokenizer")
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, eos_token_id=tokenizer.eos_token_id, projection_dim=16)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=64, patch_size=16, projection_dim=16)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(tmp_path / "clip")
+    out = tmp_path / "run"
+    argv = ["train", "long-clip", "--clip", tmp_path / "clip", "--pairs", "36", "--batch-size", "34",
+            "--checkpointing-steps", "1", "--out", out, "--quiet"]
+    code, captured = run(capsys, *argv, "--steps", "1")
+    assert code == 0, captured.err
+    assert (out / "text_encoder" / "config.json").is_file() and (out / "checkpoints" / "step-000001").is_dir()
+    code, captured = run(capsys, *argv, "--steps", "2")
+    assert code == 2 and "already holds a Long-CLIP run; use another --out or --resume" in captured.err and captured.err.count("\n") == 1
+    code, captured = run(capsys, *argv, "--steps", "2", "--resume")
+    assert code == 0, captured.err
+    assert (out / "checkpoints" / "step-000002").is_dir()
