@@ -69,7 +69,11 @@ def read_report(stage_dir: Path) -> dict:
 
 
 class StageRunner:
-    """Runs `total_steps` optimisation steps with periodic atomic checkpoints and resume."""
+    """Runs `total_steps` optimisation steps with periodic atomic checkpoints and resume.
+
+    The learning rate follows `lr_factor(step)` times the optimizer's own; a resumed run picks the
+    schedule up where the checkpoint left it.
+    """
 
     def __init__(
         self,
@@ -78,6 +82,7 @@ class StageRunner:
         optimizer: torch.optim.Optimizer,
         total_steps: int,
         checkpoint_every: int,
+        lr_factor: Callable[[int], float],
         *,
         resume: bool = True,
         progress: bool = True,
@@ -95,7 +100,10 @@ class StageRunner:
         self.progress = progress
         self.description = description
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.start_step = self._load() if resume else 0
+        for _ in range(self.start_step):
+            self.schedule.step()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -117,6 +125,15 @@ class StageRunner:
             "optimizer": self.optimizer.state_dict(),
         }
         atomic_torch_save(state, self.checkpoint_path)
+
+    def optimise(self, loss: torch.Tensor, max_grad_norm: float = 1.0) -> None:
+        """One optimizer step on `loss`, gradients clipped to `max_grad_norm`, then the schedule's step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
 
     def run(self, train_step: Callable[[int], float]) -> float | None:
         """Call `train_step(step)` for the remaining steps; return the mean loss of the last 50 (None if none ran)."""

@@ -155,15 +155,11 @@ def train_clip(
     model = CLIPModel(clip_config(tokenizer, scale, pool.images.shape[-1]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=scale.learning_rate, weight_decay=0.05)
     warmup = max(1, scale.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / scale.steps)
-    )
     runner = StageRunner(
         stage_dir, {"model": model}, optimizer, scale.steps, scale.checkpoint_every,
+        lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / scale.steps),
         resume=resume, progress=progress, description="clip",
     )  # fmt: skip
-    for _ in range(runner.start_step):
-        schedule.step()
 
     def train_step(step: int) -> float:
         generator = step_generator(seed, step)
@@ -172,11 +168,7 @@ def train_clip(
         rng = random.Random(seed * 1_000_003 + step)
         negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
         loss = contrastive_loss(model, tokenizer, pool.images[indices], captions, negatives)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        runner.optimise(loss)
         return loss.item()
 
     final_loss = runner.run(train_step)

@@ -46,13 +46,10 @@ def train_decoder(
     vae.quant_conv.requires_grad_(False)
     decoder_parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     optimizer = torch.optim.AdamW(decoder_parameters, lr=scale.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / scale.steps))
     runner = StageRunner(
-        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every,
+        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every, lambda s: max(0.05, 1 - s / scale.steps),
         resume=resume, progress=progress, description="decoder",
     )  # fmt: skip
-    for _ in range(runner.start_step):
-        schedule.step()
 
     def train_step(step: int) -> float:
         generator = step_generator(seed, step)
@@ -63,11 +60,7 @@ def train_decoder(
         error = vae.decode(latents).sample - images
         weights = outline_weights(images)
         loss = ((error.abs() + error.square()) * weights).mean() / weights.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        runner.optimise(loss)
         return loss.item()
 
     final_loss = runner.run(train_step)

@@ -128,15 +128,11 @@ def train_unet(
     scheduler = training_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=scale.learning_rate, weight_decay=0.01)
     warmup = max(1, scale.steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / scale.steps)
-    )
     runner = StageRunner(
         stage_dir, {"unet": unet, "ema_unet": ema_unet}, optimizer, scale.steps, scale.checkpoint_every,
+        lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / scale.steps),
         resume=resume, progress=progress, description="unet",
     )  # fmt: skip
-    for _ in range(runner.start_step):
-        schedule.step()
 
     def train_step(step: int) -> float:
         generator = step_generator(seed, step)
@@ -154,11 +150,7 @@ def train_unet(
         prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        runner.optimise(loss)
         decay = min(scale.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema_unet.parameters()), list(unet.parameters()), 1 - decay)

@@ -123,23 +123,16 @@ def train_vae(
     torch.manual_seed(seed)
     vae = build_vae(scale, pool.images.shape[-1])
     optimizer = torch.optim.AdamW(vae.parameters(), lr=scale.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1 - s / scale.steps))
     runner = StageRunner(
-        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every,
+        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every, lambda s: max(0.1, 1 - s / scale.steps),
         resume=resume, progress=progress, description="vae",
     )  # fmt: skip
-    for _ in range(runner.start_step):
-        schedule.step()
 
     def train_step(step: int) -> float:
         generator = step_generator(seed, step)
         indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
         loss = vae_loss(vae, pool.float_images(indices), scale.kl_weight, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        runner.optimise(loss)
         return loss.item()
 
     final_loss = runner.run(train_step)
