@@ -83,7 +83,30 @@ def run_unet(
     return unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
-class ConnectorTraining(TrainingMethod):
+class _AdapterTraining(TrainingMethod):
+    """What both adapter methods share: `conditioning(captions, timesteps)` feeds the UNet (SDXL included)."""
+
+    vae_scale_factor: int
+
+    def conditioning(self, captions: list[str], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def trained_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.conditioning(batch.captions, timesteps)[0]
+
+    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
+        hidden, pooled = self.conditioning(batch.captions, timesteps)
+        return run_unet(unet, noisy_latents, timesteps, hidden, pooled, self.vae_scale_factor)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """The trained module in diffusers' layout (config.json + safetensors), for its from_pretrained."""
+        self.trained_module().save_pretrained(folder)
+
+
+class ConnectorTraining(_AdapterTraining):
     """Train a TimestepAwareConnector on a frozen language model's features (optionally joined with CLIP).
 
     Args:
@@ -175,19 +198,12 @@ class ConnectorTraining(TrainingMethod):
             pooled = pooled if pooled is not None else clip_pooled
         return hidden, pooled
 
-    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.conditioning(batch.captions, timesteps)[0]
-
-    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        hidden, pooled = self.conditioning(batch.captions, timesteps)
-        return run_unet(unet, noisy_latents, timesteps, hidden, pooled, self.vae_scale_factor)
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """The connector in diffusers' layout (config.json + safetensors): TimestepAwareConnector.from_pretrained."""
-        self.connector.save_pretrained(folder)
+    def trained_module(self) -> TimestepAwareConnector:
+        """Saved by save_pretrained; TimestepAwareConnector.from_pretrained reads it back."""
+        return self.connector
 
 
-class ProjectionTraining(TrainingMethod):
+class ProjectionTraining(_AdapterTraining):
     """Train a CLP or WiCLP on the output of frozen CLIP encoders with the plain denoising loss.
 
     Args:
@@ -270,13 +286,6 @@ class ProjectionTraining(TrainingMethod):
         hidden[selected] = projected.to(hidden.dtype)
         return hidden, pooled
 
-    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.conditioning(batch.captions, timesteps)[0]
-
-    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        hidden, pooled = self.conditioning(batch.captions, timesteps)
-        return run_unet(unet, noisy_latents, timesteps, hidden, pooled, self.vae_scale_factor)
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """The projection in diffusers' layout (config.json + safetensors): load_projection reads it."""
-        self.projection.save_pretrained(folder)
+    def trained_module(self) -> CLP | WiCLP:
+        """Saved by save_pretrained; load_projection reads it back."""
+        return self.projection
