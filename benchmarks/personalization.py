@@ -23,7 +23,7 @@ import torch
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.pipelines.loading import load_pipeline
 from condkit.shapes_world.captions import parse_caption
-from condkit.shapes_world.scenes import Scene, SceneObject, render
+from condkit.shapes_world.concepts import concept_images
 from condkit.shapes_world.scorer import score
 from condkit.training.core import CoRe
 from condkit.training.core_test_time import test_time_optimize
@@ -40,17 +40,6 @@ ALIGNMENT_PROMPTS = [
     "<c> to the right of a pink triangle",
     "<c> on a black background",
 ]
-
-
-def concept_images(colour: str, shape: str, size: str, count: int, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    backgrounds = ["gray", "white", "black"]
-    images = []
-    for i in range(count):
-        x, y = rng.uniform(0.3, 0.7, size=2)
-        scene = Scene(objects=(SceneObject(shape, colour, size, float(x), float(y)),), background=backgrounds[i % 3])
-        images.append((render(scene), ""))
-    return images
 
 
 def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> tuple[float, float]:
@@ -131,7 +120,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args()
     size, colour, shape = args.concept.split()
-    images = concept_images(colour, shape, size, args.images, args.seed)
+    images = [(image, "") for image in concept_images(size, colour, shape, args.images, args.seed)]
     concept_phrase = f"a {size} {colour} {shape}"
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - {"ti", "core", "core+test-time"})
