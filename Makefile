@@ -9,4 +9,6 @@ test:
 	python -m pytest -q
 
 bench:
+	python benchmarks/bench_generate_speed.py
 	python benchmarks/bench_clip_overhead.py
+	python benchmarks/bench_connector_overhead.py
