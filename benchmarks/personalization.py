@@ -89,8 +89,14 @@ def row(identity: tuple[float, float], alignment: tuple[float, float]) -> dict:
 
 
 def run_variants(variants: list[str], args, images, concept_phrase: str) -> dict:
-    """TI trains once; "core" and "core+test-time" share one CoRe training."""
+    """TI trains once; "core" and "core+test-time" share one CoRe training. "words" is the reference:
+    the concept's own words in place of the token, nothing learned (what the model can draw at best)."""
     rows = {}
+    if "words" in variants:
+        pipe = load_pipeline(args.model, "cpu", "float32", progress=False)
+        rows["words"] = row(*(generate_scores(pipe, [p.replace(PLACEHOLDER, concept_phrase) for p in prompts],
+                                              concept_phrase, args.n, args.seed)
+                              for prompts in (IDENTITY_PROMPTS, ALIGNMENT_PROMPTS)))
     if "ti" in variants:
         pipe, _ = train_concept("ti", args, images)
         rows["ti"] = row(*(generate_scores(pipe, p, concept_phrase, args.n, args.seed)
@@ -115,7 +121,7 @@ def main() -> None:
     parser.add_argument("--num-vectors", type=int, default=1)
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="ti,core,core+test-time")
+    parser.add_argument("--variants", default="words,ti,core,core+test-time")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args()
@@ -123,9 +129,9 @@ def main() -> None:
     images = [(image, "") for image in concept_images(size, colour, shape, args.images, args.seed)]
     concept_phrase = f"a {size} {colour} {shape}"
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - {"ti", "core", "core+test-time"})
+    unknown = sorted(set(variants) - {"words", "ti", "core", "core+test-time"})
     if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; expected ti, core, core+test-time")
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; expected words, ti, core, core+test-time")
     rows = run_variants(variants, args, images, concept_phrase)
     print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt")
     print(f"{'variant':16s} {'identity':>9s} {'align: concept':>15s} {'align: all correct':>19s}")
