@@ -3,9 +3,10 @@
 A concept (one colour/shape/size combination) is learned from a few renders of it alone, its
 words withheld: the placeholder starts from the generic word "object". Then:
 - identity: "<c>", "a picture of <c>" — does the scorer find an object with the concept's colour,
-  shape and size?
+  shape and size (and, reported apart, its colour and shape at any size)?
 - alignment: prompts that recompose it ("<c> to the left of a blue square", "<c> on a yellow
   background", ...) — does the whole prompt hold (every object, relation and background)?
+- "words", the reference: the concept's own words in place of the token, nothing learned.
 
     python benchmarks/personalization.py [--steps 300] [--n 4]
 """
@@ -42,11 +43,12 @@ ALIGNMENT_PROMPTS = [
 ]
 
 
-def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> tuple[float, float]:
-    """(identity: concept found, all_correct: whole prompt holds), averaged over prompts × n images."""
+def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> dict[str, float]:
+    """Averaged over prompts × n images: the concept found (colour, shape and size), its colour and
+    shape found (any size), and the whole prompt holding (every object, relation and background)."""
     conditioner = CLIPConditioner.from_pipeline(pipe)
     concept_spec = parse_caption(concept_phrase)
-    found, whole = [], []
+    found, pair, whole = [], [], []
     for prompt in prompts:
         with torch.no_grad():
             cond = conditioner.encode(prompt, num_images_per_prompt=n)
@@ -54,9 +56,11 @@ def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed:
         images = pipe(**cond.kwargs(), num_inference_steps=25, guidance_scale=5.0, generator=generators).images
         spec = parse_caption(prompt.replace(PLACEHOLDER, concept_phrase))
         for image in images:
-            found.append(score(image, concept_spec)["object_recall"])
+            concept_scores = score(image, concept_spec)
+            found.append(concept_scores["object_recall"])
+            pair.append(concept_scores["colour_shape_binding"])
             whole.append(score(image, spec)["all_correct"])
-    return float(np.mean(found)), float(np.mean(whole))
+    return {"concept": float(np.mean(found)), "colour_shape": float(np.mean(pair)), "all_correct": float(np.mean(whole))}
 
 
 def train_concept(method_name: str, args, images) -> tuple:
@@ -71,7 +75,7 @@ def train_concept(method_name: str, args, images) -> tuple:
     return pipe, method.eval()
 
 
-def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str, args) -> tuple[float, float]:
+def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str, args) -> dict[str, float]:
     """CoRe's test-time variant: per prompt, adjust the learned embedding for it, generate, restore."""
     trained = [table.new_rows.detach().clone() for table in method.embeddings]
     per_prompt = []
@@ -81,11 +85,16 @@ def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str,
         with torch.no_grad():
             for table, rows in zip(method.embeddings, trained):
                 table.new_rows.copy_(rows)
-    return float(np.mean([p[0] for p in per_prompt])), float(np.mean([p[1] for p in per_prompt]))
+    return {key: float(np.mean([scores[key] for scores in per_prompt])) for key in per_prompt[0]}
 
 
-def row(identity: tuple[float, float], alignment: tuple[float, float]) -> dict:
-    return {"identity": identity[0], "alignment_concept_found": alignment[0], "alignment_all_correct": alignment[1]}
+def row(identity: dict[str, float], alignment: dict[str, float]) -> dict:
+    return {
+        "identity": identity["concept"],
+        "identity_colour_shape": identity["colour_shape"],
+        "alignment_concept_found": alignment["concept"],
+        "alignment_all_correct": alignment["all_correct"],
+    }
 
 
 def run_variants(variants: list[str], args, images, concept_phrase: str) -> dict:
@@ -134,9 +143,10 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; expected words, ti, core, core+test-time")
     rows = run_variants(variants, args, images, concept_phrase)
     print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt")
-    print(f"{'variant':16s} {'identity':>9s} {'align: concept':>15s} {'align: all correct':>19s}")
-    for name, row in rows.items():
-        print(f"{name:16s} {row['identity']:9.3f} {row['alignment_concept_found']:15.3f} {row['alignment_all_correct']:19.3f}")
+    print(f"{'variant':16s} {'identity':>9s} {'identity: colour+shape':>23s} {'align: concept':>15s} {'align: all correct':>19s}")
+    for name, scores in rows.items():
+        print(f"{name:16s} {scores['identity']:9.3f} {scores['identity_colour_shape']:23.3f} "
+              f"{scores['alignment_concept_found']:15.3f} {scores['alignment_all_correct']:19.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
