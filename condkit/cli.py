@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     long_clip.add_argument("--pairs", type=int, default=4096, help="training scenes (default: 4096)")
     long_clip.add_argument("--steps", type=int, default=300)
     long_clip.add_argument("--batch-size", type=int, default=64)
-    long_clip.add_argument("--learning-rate", type=float, default=1e-4)
+    long_clip.add_argument("--learning-rate", type=float, default=1e-6,
+                           help="default 1e-6, Long-CLIP's; larger rates cost short prompts (README table)")
     long_clip.add_argument("--seed", type=int, default=0)
     long_clip.add_argument("--checkpointing-steps", type=int, default=100)
     long_clip.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

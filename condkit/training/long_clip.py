@@ -21,7 +21,7 @@ guard, gradient accumulation and several processes work as for every other metho
 
     method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
     train_long_clip(method, shapes_world_pairs(4096), TrainingConfig("runs/long-clip", max_train_steps=300,
-                                                                     train_batch_size=64, learning_rate=1e-4))
+                                                                     train_batch_size=64, learning_rate=1e-6))
     save_long_clip_text_encoder(method.model, method.tokenizer, "runs/long-clip")
 
 With several processes or accumulation micro-batches, each micro-batch is its own contrastive
