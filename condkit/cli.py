@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--projection", default="wiclp", choices=("wiclp", "clp"))
     adapter.add_argument("--concat-clip", action="store_true", help="append CLIP conditioning to the connector's output")
     adapter.add_argument("--switch-off-timestep", type=int, default=800)
+    adapter.add_argument("--project-all-timesteps", action="store_true",
+                         help="projection: train on every timestep (inference still switches off at τ)")
     adapter.add_argument("--steps", type=int, default=500)
     adapter.add_argument("--batch-size", type=int, default=8)
     adapter.add_argument("--learning-rate", type=float, default=None)
@@ -317,7 +319,8 @@ def run_train_adapter(args: argparse.Namespace) -> None:
 
     folder = run_adapter_training(
         args.kind, args.out, model=args.model, language_model=args.language_model, projection=args.projection,
-        concat_clip=args.concat_clip, switch_off_timestep=args.switch_off_timestep, dataset_size=args.dataset_size,
+        concat_clip=args.concat_clip, switch_off_timestep=args.switch_off_timestep,
+        project_all_timesteps=args.project_all_timesteps, dataset_size=args.dataset_size,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
         seed=args.seed, progress=not args.quiet,
     )
