@@ -61,9 +61,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from personalization import concept_images
-
 from condkit.pipelines.loading import EMBEDDED_MODEL
+from condkit.shapes_world.concepts import concept_images, save_concept_images
 
 PEER_PATH_IN_REPO = "examples/textual_inversion/textual_inversion.py"
 HOW_TO_GET_PEER = (
@@ -159,13 +158,6 @@ def peer_launch(script: Path, folder: Path) -> tuple[list[str], bool]:
     launcher = script.parent / "run_with_stand_in_torchvision.py"
     launcher.write_text(STAND_IN_LAUNCHER.replace("STAND_IN_DIR)", f"{str(package.parent)!r})"))
     return [sys.executable, str(launcher), str(script)], True
-
-
-def write_concept_images(folder: Path, concept: str, count: int, seed: int) -> None:
-    size, colour, shape = concept.split()
-    folder.mkdir(parents=True)
-    for number, (image, _caption) in enumerate(concept_images(colour, shape, size, count, seed)):
-        image.save(folder / f"{number:02d}.png")
 
 
 def peer_command(launch: list[str], settings: Settings, steps: int, out_dir: Path) -> list[str]:
@@ -287,7 +279,8 @@ def main() -> None:
         peer_script.write_text(peer_text)
         launch, stand_in = peer_launch(peer_script, workdir)
         images_dir = workdir / "images"
-        write_concept_images(images_dir, args.concept, args.images, args.seed)
+        size, colour, shape = args.concept.split()
+        save_concept_images(concept_images(size, colour, shape, args.images, args.seed), images_dir)
         settings = Settings(model=str(Path(args.model).resolve()), images_dir=str(images_dir),
                             batch_size=args.batch_size, resolution=args.resolution,
                             learning_rate=args.learning_rate, seed=args.seed, threads=args.threads)
