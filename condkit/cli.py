@@ -26,6 +26,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a folder written by `condkit train adapter`: use the connector or projection trained there "
                              "(replaces --conditioner)")
+    parser.add_argument("--embedding", action="append", default=[], metavar="[TOKEN=]FILE",
+                        help="a textual-inversion embedding in any format condkit reads, loaded before encoding; its token is "
+                             "the one the file names unless TOKEN= renames it (repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
 
@@ -189,8 +192,10 @@ def run_generate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, height=args.height, width=args.width,
     )
     conditioner_class = _conditioner_class(args)
+    embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out)
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
+    _load_embeddings(pipe, embeddings)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
     run = describe_run(pipe, _conditioner_name(args), args.model or "condkit:shapes-world", settings)
@@ -211,8 +216,10 @@ def run_eval(args: argparse.Namespace) -> None:
                                   height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
     conditioner_class = _conditioner_class(args)
     label = _conditioner_name(args)
+    embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}")
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
+    _load_embeddings(pipe, embeddings)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
@@ -413,6 +420,28 @@ def _conditioner_class(args: argparse.Namespace) -> Any:
             return None
     raise FileNotFoundError(f"--adapter {str(args.adapter)!r} is not a folder written by `condkit train adapter` "
                             "(no condkit_adapter.json)")
+
+
+def _read_embeddings(values: list[str]) -> list[Any]:
+    """Each --embedding value as a LearnedEmbedding, read before the model loads so a bad file fails fast."""
+    from condkit.conditioning.embedding_formats import read_embedding
+
+    embeddings = []
+    for value in values:
+        token, separator, path = value.partition("=")
+        if Path(value).is_file() or not separator:
+            token, path = None, value
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--embedding {value!r}: no such file (expected FILE or TOKEN=FILE)")
+        embeddings.append(read_embedding(path, token or None))
+    return embeddings
+
+
+def _load_embeddings(pipe: Any, embeddings: list[Any]) -> None:
+    from condkit.conditioning.embeddings import load_embedding
+
+    for embedding in embeddings:
+        load_embedding(pipe, embedding)
 
 
 def _conditioner_name(args: argparse.Namespace) -> str:

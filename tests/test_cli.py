@@ -88,3 +88,49 @@ def test_output_path_under_a_file_is_refused(model_dir, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "--model", str(model_dir), "--prompt", "x", "--out", str(blocker / "out"))
     assert code == 2 and "is not a folder" in err
     assert blocker.read_text() == "keep me"
+
+
+def _word_embedding_file(model_dir, word, token, path):
+    """An embedding file whose vectors are `word`'s own token rows, so "<token>" must draw exactly what `word` does."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from condkit.conditioning.embedding_formats import LearnedEmbedding, write_embedding
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    rows = encoder.get_input_embeddings().weight[word_ids].detach().clone()
+    write_embedding(LearnedEmbedding(token, [rows]), path)
+    return path
+
+
+def test_generate_with_an_embedding_draws_what_its_vector_means(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    embedding = _word_embedding_file(model_dir, "circle", "<thing>", tmp_path / "thing.safetensors")
+    common = ["--model", str(model_dir), "--steps", "2", "--height", "32", "--width", "32", "--quiet", "--no-grid"]
+    code, _, err = run(capsys, "generate", *common, "--prompt", "a red circle", "--out", str(tmp_path / "words"))
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", *common, "--embedding", str(embedding), "--prompt", "a red <thing>",
+                       "--out", str(tmp_path / "token"))
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", *common, "--embedding", f"<other>={embedding}", "--prompt", "a red <other>",
+                       "--out", str(tmp_path / "renamed"))
+    assert code == 0, err
+    words = Image.open(tmp_path / "words" / "00000_0.png").tobytes()
+    assert Image.open(tmp_path / "token" / "00000_0.png").tobytes() == words
+    assert Image.open(tmp_path / "renamed" / "00000_0.png").tobytes() == words
+
+
+def test_generate_refuses_a_bad_embedding_before_writing(model_dir, tmp_path, capsys):
+    from condkit.conditioning.embedding_formats import LearnedEmbedding, write_embedding
+
+    wide = tmp_path / "wide.safetensors"
+    write_embedding(LearnedEmbedding("<wide>", [__import__("torch").zeros(1, 7)]), wide)
+    for value, message in ((str(tmp_path / "missing.pt"), "no such file (expected FILE or TOKEN=FILE)"),
+                           (str(wide), "7")):
+        out = tmp_path / "out"
+        code, _, err = run(capsys, "generate", "--model", str(model_dir), "--embedding", value, "--prompt", "x",
+                           "--steps", "1", "--height", "32", "--width", "32", "--out", str(out), "--quiet")
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not out.exists() or not any(out.iterdir())
