@@ -269,7 +269,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     """Shared by textual inversion and CoRe: validate, load, train, save the learned embedding."""
     from condkit.pipelines.loading import load_pipeline
     from condkit.training.image_folder import ImageFolder
-    from condkit.training.loop import TrainingConfig, train
+    from condkit.training.loop import TrainingConfig, make_accelerator, train
 
     if not args.images or not args.initializer:
         raise ValueError("--images and --initializer are required (on the command line or in --config)")
@@ -278,7 +278,9 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     if embedding_path.exists() and not args.resume:
         raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
     dataset = ImageFolder(args.images)
-    pipe = load_pipeline(args.model, "cpu", "float32", progress=not args.quiet)
+    accelerator = make_accelerator(args.mixed_precision)
+    # The frozen encoders run inside the method, so they must sit on the device the loop trains on.
+    pipe = load_pipeline(args.model, str(accelerator.device), "float32", progress=not args.quiet)
     method = make_method(pipe)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = TrainingConfig(
@@ -288,7 +290,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         checkpointing_steps=args.checkpointing_steps, seed=args.seed, show_progress=not args.quiet,
         resume_from_checkpoint="latest" if args.resume else None,
     )
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, accelerator=accelerator)
     written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
     print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
     return method, pipe

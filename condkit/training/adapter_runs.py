@@ -89,7 +89,6 @@ def run_adapter_training(
     resume: bool = False,
     seed: int = 0,
     progress: bool = True,
-    device: str | None = "cpu",
 ) -> Path:
     """Train a connector (kind "llm") or a projection (kind "projection") and return its saved folder.
 
@@ -101,7 +100,7 @@ def run_adapter_training(
     """
     from condkit.pipelines.loading import load_pipeline
     from condkit.shapes_world.dataset import ShapesDataset
-    from condkit.training.loop import TrainingConfig, train
+    from condkit.training.loop import TrainingConfig, make_accelerator, train
 
     _check_arguments(kind, projection, concat_clip, language_model, dataset_size)
     out_dir = Path(out_dir)
@@ -109,7 +108,8 @@ def run_adapter_training(
     if saved.exists() and not resume:
         raise FileExistsError(f"{str(saved)!r} already exists; use another out_dir or resume=True")
 
-    pipe = load_pipeline(model, device, "float32", progress=progress)
+    accelerator = make_accelerator("auto")
+    pipe = load_pipeline(model, str(accelerator.device), "float32", progress=progress)  # frozen parts on the training device
     torch.manual_seed(seed)  # the fresh connector's initialisation
     if kind == "llm":
         language_model_path = Path(language_model) if language_model is not None else default_language_model()
@@ -139,7 +139,7 @@ def run_adapter_training(
         checkpointing_steps=checkpointing_steps, seed=seed, show_progress=progress,
         resume_from_checkpoint="latest" if resume else None,
     )  # fmt: skip
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, accelerator=accelerator)
     _append_losses(out_dir / LOSS_LOG, result.first_step, result.losses)
     method.save_pretrained(saved)
     record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
