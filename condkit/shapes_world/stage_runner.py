@@ -100,10 +100,10 @@ class StageRunner:
         self.progress = progress
         self.description = description
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.start_step = self._load() if resume else 0
-        for _ in range(self.start_step):
-            self.schedule.step()
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # a checkpoint's optimizer state already holds it
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor, last_epoch=self.start_step - 1)
 
     @property
     def checkpoint_path(self) -> Path:
