@@ -130,7 +130,7 @@ def test_registered_and_built_by_reusing_clip_conditioner(sd):
 
 @torch.no_grad()
 def test_sd_embeddings_are_the_stretched_encoder_with_a_248_window(sd):
-    conditioner = LongCLIPConditioner.from_pipeline(sd)
+    conditioner = LongCLIPConditioner.from_pipeline(sd, pad_to_multiple_of=None)
     prompt = "a red circle above a blue square"
     cond = conditioner.encode(prompt, "blurry", num_images_per_prompt=2)
     assert cond.prompt_embeds.shape == (2, 248, 32) == cond.negative_prompt_embeds.shape
@@ -143,11 +143,37 @@ def test_sd_embeddings_are_the_stretched_encoder_with_a_248_window(sd):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize(
+    "prompts,negative,rows",
+    [
+        (["a red circle"], None, 77),
+        (["x" * 60, "x" * 100], None, 154),  # the longest prompt sets the length: 102 tokens → 2 × 77
+        (["a red circle"], "y" * 80, 154),  # so does a longer negative
+        (["x" * 240], None, 248),  # never past the window
+        (["x" * 300], None, 248 + 77),  # a second window holding 54 tokens + BOS/EOS
+    ],
+)
+def test_by_default_the_last_window_stops_at_a_multiple_of_77(sd, prompts, negative, rows):
+    trimmed = LongCLIPConditioner.from_pipeline(sd).encode(prompts, negative)
+    whole = LongCLIPConditioner.from_pipeline(sd, pad_to_multiple_of=None).encode(prompts, negative)
+    assert trimmed.prompt_embeds.shape[1] == rows == trimmed.negative_prompt_embeds.shape[1]
+    assert torch.equal(trimmed.prompt_embeds, whole.prompt_embeds[:, :rows])
+    assert torch.equal(trimmed.negative_prompt_embeds, whole.negative_prompt_embeds[:, :rows])
+    embedded = LongCLIPConditioner.from_pipeline(sd).embed(prompts)[0]  # training: positives alone set the length
+    assert torch.equal(embedded, whole.prompt_embeds[:, : 77 if negative else rows])
+
+
+def test_pad_to_multiple_of_outside_the_window_is_refused(sd):
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be between 1 and the window \\(248\\) or None, got 300"):
+        LongCLIPConditioner.from_pipeline(sd, pad_to_multiple_of=300)
+
+
+@torch.no_grad()
 def test_long_prompts_chunk_into_windows_or_truncate_with_a_warning(sd):
     prompt = "x" * 300  # the byte tokenizer gives one token per character
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chunked = LongCLIPConditioner.from_pipeline(sd).encode(prompt)
+        chunked = LongCLIPConditioner.from_pipeline(sd, pad_to_multiple_of=None).encode(prompt)
     assert chunked.prompt_embeds.shape == (1, 2 * 248, 32) == chunked.negative_prompt_embeds.shape
 
     truncating = LongCLIPConditioner.from_pipeline(sd, max_chunks=1)
@@ -189,7 +215,7 @@ def test_sdxl_both_encoders_stretched_with_pooled_output(sdxl):
     assert position_count(sdxl.text_encoder) == 77 and position_count(sdxl.text_encoder_2) == 77
     assert conditioner.zero_empty_negative
     cond = conditioner.encode(["a red circle", "a green triangle"], num_images_per_prompt=2)
-    assert cond.prompt_embeds.shape == (4, 248, 64)
+    assert cond.prompt_embeds.shape == (4, 77, 64)
     assert cond.pooled_prompt_embeds.shape == (4, 32)
     assert torch.count_nonzero(cond.negative_prompt_embeds) == 0
     images = sdxl(**cond.kwargs(), num_inference_steps=2, output_type="np", height=32, width=32).images

@@ -63,6 +63,10 @@ class CLIPConditioner(Conditioner):
         max_chunks: keep at most this many chunks per prompt (1 = truncate at the window, like
             the plain pipeline); dropped tokens are reported with a warning. None keeps all.
         window: tokens per chunk including BOS/EOS (default: the tokenizer's model_max_length).
+        pad_to_multiple_of: None keeps every window whole. N cuts the last window's padding: its
+            states end at the smallest multiple of N that holds the longest prompt of the batch
+            (positive and negative), as tokenizers' pad_to_multiple_of does. The kept states are
+            exactly those of the whole window; the UNet just sees fewer padding positions.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class CLIPConditioner(Conditioner):
         zero_empty_negative: bool = False,
         max_chunks: int | None = None,
         window: int | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
@@ -91,6 +96,9 @@ class CLIPConditioner(Conditioner):
         self.zero_empty_negative = zero_empty_negative
         self.max_chunks = max_chunks
         self.window = window or self.tokenizers[0].model_max_length
+        if pad_to_multiple_of is not None and not 1 <= pad_to_multiple_of <= self.window:
+            raise ValueError(f"pad_to_multiple_of must be between 1 and the window ({self.window}) or None, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     @property
     def is_sdxl(self) -> bool:
@@ -123,12 +131,13 @@ class CLIPConditioner(Conditioner):
 
         positive, negative = self._chunk(prompts), self._chunk(negatives or [])
         n_chunks = max(c.n_chunks for side in (positive, negative) for group in side for c in group)
-        embeds, pooled = self._encode_group(positive, n_chunks)
+        length = self._output_length([*positive, *negative], n_chunks)
+        embeds, pooled = self._encode_group(positive, n_chunks, length)
         if zero_negative:
             negative_embeds = torch.zeros_like(embeds)
             negative_pooled = None if pooled is None else torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self._encode_group(negative, n_chunks)
+            negative_embeds, negative_pooled = self._encode_group(negative, n_chunks, length)
 
         def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.repeat_interleave(num_images_per_prompt, dim=0)
@@ -143,7 +152,8 @@ class CLIPConditioner(Conditioner):
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states (and SDXL's pooled vector) of prompts alone, no negatives: for training."""
         chunked = self._chunk(prompts)
-        return self._encode_group(chunked, max(c.n_chunks for group in chunked for c in group))
+        n_chunks = max(c.n_chunks for group in chunked for c in group)
+        return self._encode_group(chunked, n_chunks, self._output_length(chunked, n_chunks))
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
         """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""
@@ -164,8 +174,22 @@ class CLIPConditioner(Conditioner):
         )
         return kept
 
+    def _output_length(self, groups: list[list[TokenChunks]], n_chunks: int) -> int:
+        """Rows of hidden states to return: every window, the last one cut by pad_to_multiple_of."""
+        if self.pad_to_multiple_of is None:
+            return n_chunks * self.window
+        eos_ids = [tokenizer.eos_token_id for tokenizer in self.tokenizers] * 2  # groups: positives, then negatives
+        longest = 2  # an empty prompt: BOS, EOS
+        for group, eos_id in zip(groups, eos_ids):
+            for chunks in group:
+                if chunks.n_chunks == n_chunks:
+                    end_of_text = (chunks.input_ids[-1] == eos_id).nonzero()
+                    longest = max(longest, int(end_of_text[0]) + 1 if len(end_of_text) else self.window)
+        multiple = self.pad_to_multiple_of
+        return (n_chunks - 1) * self.window + min(-(-longest // multiple) * multiple, self.window)
+
     def _encode_group(
-        self, chunks_per_encoder: list[list[TokenChunks]], n_chunks: int
+        self, chunks_per_encoder: list[list[TokenChunks]], n_chunks: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encode one batch of prompts with every encoder; concatenate hidden states, pool from encoder 2."""
         hidden_parts, pooled = [], None
@@ -180,7 +204,7 @@ class CLIPConditioner(Conditioner):
             hidden_parts.append(states.reshape(len(group), n_chunks * self.window, -1))
             if getattr(output, "text_embeds", None) is not None:
                 pooled = output.text_embeds.view(len(group), n_chunks, -1)[:, 0]
-        hidden = torch.cat(hidden_parts, dim=-1).to(self.text_encoders[-1].dtype)
+        hidden = torch.cat(hidden_parts, dim=-1)[:, :length].to(self.text_encoders[-1].dtype)
         return hidden, (None if pooled is None else pooled.to(hidden.dtype))
 
     def _select_layer(self, encoder: nn.Module, output: Any) -> torch.Tensor:
