@@ -126,7 +126,9 @@ def test_saved_text_encoder_plugs_into_the_conditioner(trained, tmp_path):
     prompt = f"{FILLER}, and it is red"
     ids = result.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids
     expected = result.model.text_model(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(conditioner.encode(prompt).prompt_embeds, expected)
+    embeds = conditioner.encode(prompt).prompt_embeds  # the window's states, cut at a multiple of 77
+    assert embeds.shape[1] == 154 and len(result.tokenizer(prompt).input_ids) > 77
+    torch.testing.assert_close(embeds, expected[:, :154])
 
 
 def test_shapes_world_pairs_have_a_long_and_a_short_caption():
