@@ -199,6 +199,8 @@ def run_generate(args: argparse.Namespace) -> None:
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
     run = describe_run(pipe, _conditioner_name(args), args.model or "condkit:shapes-world", settings)
+    if embeddings:
+        run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
@@ -224,6 +226,8 @@ def run_eval(args: argparse.Namespace) -> None:
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
     run = describe_run(pipe, label, args.model or "condkit:shapes-world", settings)
+    if embeddings:
+        run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
     path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
     print(table_text(report))
     if not args.quiet:

@@ -120,6 +120,7 @@ def test_generate_with_an_embedding_draws_what_its_vector_means(model_dir, tmp_p
     words = Image.open(tmp_path / "words" / "00000_0.png").tobytes()
     assert Image.open(tmp_path / "token" / "00000_0.png").tobytes() == words
     assert Image.open(tmp_path / "renamed" / "00000_0.png").tobytes() == words
+    assert json.loads((tmp_path / "renamed" / "00000_0.json").read_text())["embeddings"] == {"<other>": f"<other>={embedding}"}
 
 
 def test_generate_refuses_a_bad_embedding_before_writing(model_dir, tmp_path, capsys):
