@@ -179,7 +179,7 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     from condkit.conditioning.base import available_conditioners
-    from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, describe_run, generate, save_results
+    from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, generate, save_results
     from condkit.pipelines.loading import load_pipeline
     from condkit.pipelines.prompts_file import read_prompts_file
 
@@ -198,9 +198,7 @@ def run_generate(args: argparse.Namespace) -> None:
     _load_embeddings(pipe, embeddings)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
-    run = describe_run(pipe, _conditioner_name(args), args.model or "condkit:shapes-world", settings)
-    if embeddings:
-        run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
+    run = _run_record(pipe, _conditioner_name(args), args, settings, embeddings)
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
@@ -208,7 +206,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from condkit.pipelines.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
-    from condkit.pipelines.generate import GenerationSettings, check_writable, describe_run
+    from condkit.pipelines.generate import GenerationSettings, check_writable
     from condkit.pipelines.loading import load_pipeline
 
     if args.images_per_prompt <= 0:
@@ -225,9 +223,7 @@ def run_eval(args: argparse.Namespace) -> None:
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
-    run = describe_run(pipe, label, args.model or "condkit:shapes-world", settings)
-    if embeddings:
-        run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
+    run = _run_record(pipe, label, args, settings, embeddings)
     path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
     print(table_text(report))
     if not args.quiet:
@@ -448,6 +444,16 @@ def _load_embeddings(pipe: Any, embeddings: list[Any]) -> None:
 
     for embedding in embeddings:
         load_embedding(pipe, embedding)
+
+
+def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, embeddings: list[Any]) -> dict[str, Any]:
+    """What the metadata JSON says about the run: model, conditioner, settings, and the --embedding values by token."""
+    from condkit.pipelines.generate import describe_run
+
+    run = describe_run(pipe, label, args.model or "condkit:shapes-world", settings)
+    if embeddings:
+        run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
+    return run
 
 
 def _conditioner_name(args: argparse.Namespace) -> str:
