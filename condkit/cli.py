@@ -180,7 +180,6 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from condkit.conditioning.base import available_conditioners
     from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, generate, save_results
-    from condkit.pipelines.loading import load_pipeline
     from condkit.pipelines.prompts_file import read_prompts_file
 
     if args.list_conditioners:
@@ -194,8 +193,7 @@ def run_generate(args: argparse.Namespace) -> None:
     conditioner_class = _conditioner_class(args)
     embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out)
-    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
-    _load_embeddings(pipe, embeddings)
+    pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
     run = _run_record(pipe, _conditioner_name(args), args, settings, embeddings)
@@ -207,7 +205,6 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from condkit.pipelines.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
     from condkit.pipelines.generate import GenerationSettings, check_writable
-    from condkit.pipelines.loading import load_pipeline
 
     if args.images_per_prompt <= 0:
         raise ValueError(f"-n/--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
@@ -218,8 +215,7 @@ def run_eval(args: argparse.Namespace) -> None:
     label = _conditioner_name(args)
     embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}")
-    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
-    _load_embeddings(pipe, embeddings)
+    pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(conditioner_class, pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
@@ -439,11 +435,14 @@ def _read_embeddings(values: list[str]) -> list[Any]:
     return embeddings
 
 
-def _load_embeddings(pipe: Any, embeddings: list[Any]) -> None:
+def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any]) -> Any:
     from condkit.conditioning.embeddings import load_embedding
+    from condkit.pipelines.loading import load_pipeline
 
+    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     for embedding in embeddings:
         load_embedding(pipe, embedding)
+    return pipe
 
 
 def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, embeddings: list[Any]) -> dict[str, Any]:

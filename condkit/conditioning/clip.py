@@ -131,7 +131,7 @@ class CLIPConditioner(Conditioner):
 
         positive, negative = self._chunk(prompts), self._chunk(negatives or [])
         n_chunks = max(c.n_chunks for side in (positive, negative) for group in side for c in group)
-        length = self._output_length([*positive, *negative], n_chunks)
+        length = self._output_length([positive, negative], n_chunks)
         embeds, pooled = self._encode_group(positive, n_chunks, length)
         if zero_negative:
             negative_embeds = torch.zeros_like(embeds)
@@ -153,7 +153,7 @@ class CLIPConditioner(Conditioner):
         """Hidden states (and SDXL's pooled vector) of prompts alone, no negatives: for training."""
         chunked = self._chunk(prompts)
         n_chunks = max(c.n_chunks for group in chunked for c in group)
-        return self._encode_group(chunked, n_chunks, self._output_length(chunked, n_chunks))
+        return self._encode_group(chunked, n_chunks, self._output_length([chunked], n_chunks))
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
         """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""
@@ -174,17 +174,20 @@ class CLIPConditioner(Conditioner):
         )
         return kept
 
-    def _output_length(self, groups: list[list[TokenChunks]], n_chunks: int) -> int:
-        """Rows of hidden states to return: every window, the last one cut by pad_to_multiple_of."""
+    def _output_length(self, sides: list[list[list[TokenChunks]]], n_chunks: int) -> int:
+        """Rows of hidden states to return: every window, the last one cut by pad_to_multiple_of.
+
+        `sides` are `_chunk` results (one group per tokenizer), e.g. [positives, negatives].
+        """
         if self.pad_to_multiple_of is None:
             return n_chunks * self.window
-        eos_ids = [tokenizer.eos_token_id for tokenizer in self.tokenizers] * 2  # groups: positives, then negatives
-        longest = 2  # an empty prompt: BOS, EOS
-        for group, eos_id in zip(groups, eos_ids):
-            for chunks in group:
-                if chunks.n_chunks == n_chunks:
-                    end_of_text = (chunks.input_ids[-1] == eos_id).nonzero()
-                    longest = max(longest, int(end_of_text[0]) + 1 if len(end_of_text) else self.window)
+        longest = 2  # an empty prompt, which fills a missing last window: BOS, EOS
+        for side in sides:
+            for tokenizer, group in zip(self.tokenizers, side):
+                for chunks in group:
+                    if chunks.n_chunks == n_chunks:
+                        end_of_text = (chunks.input_ids[-1] == tokenizer.eos_token_id).nonzero()
+                        longest = max(longest, int(end_of_text[0]) + 1 if len(end_of_text) else self.window)
         multiple = self.pad_to_multiple_of
         return (n_chunks - 1) * self.window + min(-(-longest // multiple) * multiple, self.window)
 

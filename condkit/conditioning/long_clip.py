@@ -36,7 +36,7 @@ from condkit.conditioning.clip import CLIPConditioner
 PadToken = Literal["eos", "zero"]
 LONG_CLIP_KEEP = 20
 LONG_CLIP_RATIO = 4
-CLIP_WINDOW = 77  # the positions SD's UNet was trained to attend over
+CLIP_POSITIONS = 77  # stock CLIP's position table; SD's UNet was trained to attend over this many
 
 
 def stretched_length(length: int, keep: int = LONG_CLIP_KEEP, ratio: int = LONG_CLIP_RATIO) -> int:
@@ -153,7 +153,7 @@ class LongCLIPConditioner(CLIPConditioner):
         clip_skip: int | None = None,
         zero_empty_negative: bool = False,
         max_chunks: int | None = None,
-        pad_to_multiple_of: int | None = CLIP_WINDOW,
+        pad_to_multiple_of: int | None = CLIP_POSITIONS,
     ) -> None:
         windows = sorted({position_count(encoder) for encoder in text_encoders})
         if len(windows) > 1:

@@ -41,9 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from condkit.conditioning.long_clip import LONG_CLIP_KEEP, stretch_tokenizer
-
-CLIP_POSITIONS = 77
+from condkit.conditioning.long_clip import CLIP_POSITIONS, LONG_CLIP_KEEP, stretch_tokenizer
 HEAD_WIDTH = 64
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
