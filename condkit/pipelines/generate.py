@@ -83,7 +83,8 @@ def generate(
         raise ValueError("no prompts to generate")
     device = pipe._execution_device
     results: list[GeneratedImage] = []
-    bar = tqdm(total=len(jobs) * settings.steps, desc="generating", unit="step", disable=not progress)
+    batches = -(-len(jobs) // settings.batch_size)
+    bar = tqdm(total=batches * settings.steps, desc="generating", unit="step", disable=not progress)  # a step denoises a batch
 
     def advance(_pipe, _step, _timestep, callback_kwargs):
         bar.update(1)
