@@ -19,13 +19,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
-    parser.add_argument("--conditioner", default="clip", help="conditioner name (see `condkit generate --list-conditioners`)")
+    parser.add_argument("--conditioner", default="clip", metavar="NAME_OR_DIR",
+                        help="a conditioner name (see --list-conditioners) or a folder saved by a conditioner's save_pretrained "
+                             "(e.g. runs/adapter/conditioner from `condkit train adapter`) (default: clip)")
     parser.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                        help="option for the conditioner's from_pipeline, e.g. --opt pad_token=zero --opt text_encoder_path=DIR (repeatable)")
-    parser.add_argument("--adapter", default=None, metavar="DIR",
-                        help="a folder written by `condkit train adapter`: use the connector or projection trained there "
-                             "(replaces --conditioner)")
+                        help="option for the conditioner, e.g. --opt pad_token=zero --opt text_encoder_path=DIR; with a saved "
+                             "folder, overrides its saved option (repeatable)")
+    parser.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--embedding", action="append", default=[], metavar="[TOKEN=]FILE",
                         help="a textual-inversion embedding in any format condkit reads, loaded before encoding; its token is "
                              "the one the file names unless TOKEN= renames it (repeatable)")
@@ -178,7 +179,7 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from condkit.conditioning.base import available_conditioners
+    from condkit.conditioning.registry import available_conditioners
     from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, generate, save_results
     from condkit.pipelines.prompts_file import read_prompts_file
 
@@ -190,13 +191,13 @@ def run_generate(args: argparse.Namespace) -> None:
         steps=args.steps, guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, height=args.height, width=args.width,
     )
-    conditioner_class = _conditioner_class(args)
+    _check_conditioner(args)
     embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out)
     pipe = _load_pipeline_with_embeddings(args, embeddings)
-    conditioner = _build_conditioner(conditioner_class, pipe, args)
+    conditioner = _build_conditioner(pipe, args)
     results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
-    run = _run_record(pipe, _conditioner_name(args), args, settings, embeddings)
+    run = _run_record(pipe, args.conditioner, args, settings, embeddings)
     paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
@@ -211,12 +212,12 @@ def run_eval(args: argparse.Namespace) -> None:
     load_captions(args.prompt_set)
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                                   height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
-    conditioner_class = _conditioner_class(args)
-    label = _conditioner_name(args)
+    _check_conditioner(args)
+    label = args.conditioner
     embeddings = _read_embeddings(args.embedding)
     out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}")
     pipe = _load_pipeline_with_embeddings(args, embeddings)
-    conditioner = _build_conditioner(conditioner_class, pipe, args)
+    conditioner = _build_conditioner(pipe, args)
     report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
                                  progress=not args.quiet, limit=args.limit)
     run = _run_record(pipe, label, args, settings, embeddings)
@@ -404,20 +405,19 @@ def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _conditioner_class(args: argparse.Namespace) -> Any:
-    """The registered class for --conditioner, or None when --adapter names a trained adapter folder."""
-    from condkit.conditioning.base import get_conditioner_class
+def _check_conditioner(args: argparse.Namespace) -> None:
+    """Fail before any work on an unknown --conditioner name, a folder that is no saved conditioner, or bad --opt."""
+    from condkit.conditioning.base import read_saved_record
+    from condkit.conditioning.registry import get_conditioner_class
 
-    if args.adapter is None:
-        return get_conditioner_class(args.conditioner)
-    if args.conditioner != "clip" or args.opt or args.clip_skip is not None:
-        raise ValueError("--adapter replaces --conditioner, --opt and --clip-skip; the adapter folder records its own settings")
-    for folder in (Path(args.adapter), Path(args.adapter) / "connector", Path(args.adapter) / "projection"):
-        if (folder / "condkit_adapter.json").is_file():
-            args.adapter = str(folder)
-            return None
-    raise FileNotFoundError(f"--adapter {str(args.adapter)!r} is not a folder written by `condkit train adapter` "
-                            "(no condkit_adapter.json)")
+    if args.adapter is not None:
+        raise ValueError(f"--adapter was replaced by --conditioner DIR: use --conditioner {args.adapter} "
+                         "(`condkit train adapter` writes the conditioner to OUT/conditioner)")
+    if Path(args.conditioner).is_dir():
+        read_saved_record(Path(args.conditioner))
+    else:
+        get_conditioner_class(args.conditioner)
+    _conditioner_options(args)
 
 
 def _read_embeddings(values: list[str]) -> list[Any]:
@@ -455,23 +455,10 @@ def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, 
     return run
 
 
-def _conditioner_name(args: argparse.Namespace) -> str:
-    return f"adapter:{args.adapter}" if args.adapter is not None else args.conditioner
+def _build_conditioner(pipe: Any, args: argparse.Namespace) -> Any:
+    from condkit.conditioning.registry import load_conditioner
 
-
-def _build_conditioner(conditioner_class: Any, pipe: Any, args: argparse.Namespace) -> Any:
-    if conditioner_class is None:
-        from condkit.training.adapter_runs import load_trained_adapter
-
-        return load_trained_adapter(args.adapter, pipe)
-    options = _conditioner_options(args)
-    try:
-        return conditioner_class.from_pipeline(pipe, **options)
-    except TypeError as error:
-        if "unexpected keyword argument" in str(error):
-            name = str(error).rsplit(" ", 1)[-1]
-            raise ValueError(f"conditioner {args.conditioner!r} has no option {name}") from None
-        raise
+    return load_conditioner(args.conditioner, pipe, **_conditioner_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:

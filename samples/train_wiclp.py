@@ -11,24 +11,20 @@ import tempfile
 
 import torch
 
-from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.attach import attach
+import condkit
 from condkit.pipelines.generate import image_grid
-from condkit.pipelines.loading import load_pipeline
-from condkit.training.adapter_runs import load_trained_adapter, run_adapter_training
 
 STEPS = int(os.environ.get("STEPS", 500))
-folder = run_adapter_training("projection", tempfile.mkdtemp(prefix="condkit-wiclp-"), projection="wiclp",
-                              steps=STEPS, learning_rate=1e-4)
+folder = condkit.train_adapter("projection", tempfile.mkdtemp(prefix="condkit-wiclp-"), projection="wiclp",
+                               steps=STEPS, learning_rate=1e-4)
 
-pipe = load_pipeline()
+pipe = condkit.load_pipeline()
 prompt = "a green circle above a red square"
 grid = []
-for conditioner in (CLIPConditioner.from_pipeline(pipe), load_trained_adapter(folder, pipe)):
-    with torch.no_grad():
-        cond = conditioner.encode(prompt, num_images_per_prompt=4)
+for conditioner in (condkit.load_conditioner("clip", pipe), condkit.load_conditioner(folder, pipe)):
+    cond = conditioner.encode(prompt, num_images_per_prompt=4)
     generators = [torch.Generator().manual_seed(seed) for seed in range(4)]
-    with attach(pipe, conditioner):  # the projection switches itself off after τ, every step
+    with condkit.attach(pipe, conditioner):  # the projection switches itself off after τ, every step
         grid += pipe(**cond.kwargs(), num_inference_steps=25, guidance_scale=5.0, generator=generators).images
 os.makedirs("outputs", exist_ok=True)
 image_grid(grid, columns=4).save("outputs/wiclp.png")

@@ -1,6 +1,7 @@
-"""Conditioning reaches diffusers pipelines: the kwargs path and the timestep-aware proxy path."""
+"""Conditioning reaches diffusers pipelines: the kwargs path and the timestep-aware hook path."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from condkit.conditioning.base import Conditioner, Conditioning
 from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.attach import TimestepAwareUNet, attach
+from condkit.pipelines.attach import attach
 from condkit.pipelines.generate import GenerationSettings, PromptRequest, generate, save_results
 from tiny_models import tiny_sd_components, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -25,24 +26,24 @@ class TimestepRecorder(Conditioner):
         self.clip = clip
         self.calls: list[tuple[float, torch.Tensor]] = []
 
-    def encode(self, prompt, negative_prompt=None, num_images_per_prompt=1) -> Conditioning:
-        return self.clip.encode(prompt, negative_prompt, num_images_per_prompt)
+    def embed(self, prompt, negative_prompt=None, num_images_per_prompt=1) -> Conditioning:
+        return replace(self.clip.embed(prompt, negative_prompt, num_images_per_prompt), needs_attach=True)
 
     def at_timestep(self, features, timestep):
         self.calls.append((float(timestep), features.clone()))
         return features * (1.0 + float(timestep) / 1000.0)
 
 
-def test_proxy_sees_every_timestep_for_both_cfg_halves():
+def test_hook_sees_every_timestep_for_both_cfg_halves():
     pipe = tiny_sd_pipeline()
     original_unet = pipe.unet
     recorder = TimestepRecorder(CLIPConditioner.from_pipeline(pipe))
     with torch.no_grad():
         cond = recorder.encode(["a red circle", "a blue square"], "ugly")
     with attach(pipe, recorder):
-        assert isinstance(pipe.unet, TimestepAwareUNet)
+        assert pipe.unet is original_unet and len(pipe.unet._forward_pre_hooks) == 1
         pipe(**cond.kwargs(), num_inference_steps=5, guidance_scale=5.0, height=32, width=32, output_type="np")
-    assert pipe.unet is original_unet
+    assert pipe.unet is original_unet and not pipe.unet._forward_pre_hooks
     assert [t for t, _ in recorder.calls] == [float(t) for t in pipe.scheduler.timesteps]
     expected_rows = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
     for _, features in recorder.calls:
@@ -52,29 +53,36 @@ def test_proxy_sees_every_timestep_for_both_cfg_halves():
 def test_timestep_dependent_conditioning_changes_the_image():
     pipe = tiny_sd_pipeline()
     clip = CLIPConditioner.from_pipeline(pipe)
-    cond = clip.encode("a red circle")
+    recorder = TimestepRecorder(clip)
     settings = dict(num_inference_steps=4, height=32, width=32, output_type="np")
-    plain = pipe(**cond.kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
-    with attach(pipe, TimestepRecorder(clip)):
-        proxied = pipe(**cond.kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
+    plain = pipe(**clip.encode("a red circle").kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
+    with attach(pipe, recorder):
+        proxied = pipe(**recorder.encode("a red circle").kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
     assert np.abs(plain - proxied).max() > 1e-4
 
 
-def test_attach_restores_the_unet_on_error():
+def test_attach_removes_its_hooks_on_error():
     pipe = tiny_sd_pipeline()
     original_unet = pipe.unet
     with pytest.raises(RuntimeError, match="boom"):
         with attach(pipe, TimestepRecorder(CLIPConditioner.from_pipeline(pipe))):
             raise RuntimeError("boom")
-    assert pipe.unet is original_unet
+    assert pipe.unet is original_unet and not pipe.unet._forward_pre_hooks
     assert pipe.config.unet[1] == "UNet2DConditionModel"
+
+
+def test_features_refuse_to_run_without_attach():
+    pipe = tiny_sd_pipeline()
+    recorder = TimestepRecorder(CLIPConditioner.from_pipeline(pipe))
+    with pytest.raises(RuntimeError, match=r"features of a timestep-aware conditioner.*condkit.attach"):
+        pipe(**recorder.encode("a red circle").kwargs(), num_inference_steps=2, height=32, width=32, output_type="np")
 
 
 def test_static_conditioner_installs_nothing():
     pipe = tiny_sd_pipeline()
     unet = pipe.unet
     with attach(pipe, CLIPConditioner.from_pipeline(pipe)):
-        assert pipe.unet is unet
+        assert pipe.unet is unet and not unet._forward_pre_hooks
 
 
 @pytest.mark.parametrize("kind", ["sd", "img2img", "sdxl"])

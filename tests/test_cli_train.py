@@ -134,24 +134,24 @@ def test_train_adapter_projection(model_dir, tmp_path, capsys):
     assert "wrote" in captured.out
 
     out = tmp_path / "images"
-    code, captured = run(capsys, "generate", "--model", model_dir, "--adapter", tmp_path / "proj", "--prompt", "a red circle",
-                         "--steps", "2", "--out", out, "--quiet")
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", tmp_path / "proj" / "conditioner",
+                         "--prompt", "a red circle", "--steps", "2", "--out", out, "--quiet")
     assert code == 0, captured.err
     metadata = json.loads(next(out.glob("*.json")).read_text())
-    assert "adapter:" in json.dumps(metadata)
+    assert metadata["conditioner"] == str(tmp_path / "proj" / "conditioner")
 
 
-def test_generate_with_a_folder_that_is_not_an_adapter(model_dir, tmp_path, capsys):
-    code, captured = run(capsys, "generate", "--model", model_dir, "--adapter", tmp_path, "--prompt", "a red circle",
+def test_generate_with_a_folder_that_is_not_a_conditioner(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", tmp_path, "--prompt", "a red circle",
                          "--out", tmp_path / "images", "--quiet")
-    assert code == 2 and "not a folder written by `condkit train adapter`" in captured.err
+    assert code == 2 and "is not a saved conditioner (no conditioner_config.json)" in captured.err
+    assert captured.err.count("\n") == 1 and not (tmp_path / "images").exists()
+
+
+def test_adapter_flag_names_its_replacement(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "generate", "--adapter", tmp_path, "--prompt", "x", "--out", tmp_path / "images", "--quiet")
+    assert code == 2 and f"--adapter was replaced by --conditioner DIR: use --conditioner {tmp_path}" in captured.err
     assert not (tmp_path / "images").exists()
-
-
-def test_adapter_replaces_conditioner_options(model_dir, tmp_path, capsys):
-    code, captured = run(capsys, "generate", "--adapter", tmp_path, "--conditioner", "long-clip", "--prompt", "x",
-                         "--out", tmp_path / "images", "--quiet")
-    assert code == 2 and "--adapter replaces --conditioner" in captured.err
 
 
 def test_train_adapter_unknown_kind(capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from condkit.conditioning.base import get_conditioner_class
+from condkit.conditioning.registry import get_conditioner_class
 from condkit.conditioning.clip import CLIPConditioner, apply_emphasis
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 

@@ -241,7 +241,7 @@ def test_test_time_optimisation_lowers_the_loss_and_leaves_the_method_alone():
     randomize_rows(method)
     before = method.learned_vectors()
     tables = [encoder.get_input_embeddings() for encoder in method.conditioner.text_encoders]
-    states_before = method.conditioner.embed(["a <c> on the beach"])[0]
+    states_before = method.conditioner.embed(["a <c> on the beach"]).prompt_embeds
 
     adjusted = core_test_time.test_time_optimize(method, pipe, "a <c> on the beach", steps=10, lr=5e-3)
     assert adjusted.final_loss < adjusted.initial_loss
@@ -249,7 +249,7 @@ def test_test_time_optimisation_lowers_the_loss_and_leaves_the_method_alone():
     assert not torch.equal(adjusted.embedding.vectors[0], before[0])
     assert torch.equal(method.learned_vectors()[0], before[0])
     assert [encoder.get_input_embeddings() for encoder in method.conditioner.text_encoders] == tables
-    assert torch.equal(method.conditioner.embed(["a <c> on the beach"])[0], states_before)
+    assert torch.equal(method.conditioner.embed(["a <c> on the beach"]).prompt_embeds, states_before)
     assert all(p.grad is None for p in pipe.unet.parameters())
 
     again = core_test_time.test_time_optimize(method, pipe, "a <c> on the beach", steps=10, lr=5e-3, write_back=True)

@@ -8,12 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, T5Config, T5EncoderModel
 
-from condkit.conditioning.base import get_conditioner_class
+from condkit.conditioning.registry import get_conditioner_class
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.concat import ConcatConditioner, pack, unpack
 from condkit.conditioning.ella_connector import TimestepAwareConnector, load_ella_checkpoint, padding_mask
 from condkit.conditioning.llm_adapter import LLMAdapterConditioner, hidden_state_model, load_language_model
-from condkit.pipelines.attach import TimestepAwareUNet, attach
+from condkit.conditioning.features import plain
+from condkit.pipelines.attach import attach
 from tiny_models import byte_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 LM_WIDTH = 24
@@ -330,7 +331,7 @@ def test_generates_through_diffusers_with_attach(sd, tokenizer, language_models)
     for prompt in ("a red circle", "a big blue square on the left"):
         cond = conditioner.encode(prompt, "blurry")
         with attach(sd, conditioner):
-            assert isinstance(sd.unet, TimestepAwareUNet)
+            assert sd.unet is unet
             images[prompt] = sd(**cond.kwargs(), generator=torch.Generator().manual_seed(0), **TINY_STEPS).images
     assert sd.unet is unet
     first, second = images.values()
@@ -344,18 +345,19 @@ def test_sdxl_pooled_head_feeds_the_unet(tokenizer, language_models):
     connector = small_connector(width=64, pooled_dim=32)
     conditioner = LLMAdapterConditioner.from_pipeline(sdxl, tokenizer, language_models["t5"].eval(), connector, flexible_length=True)
     seen = []
-    hook = sdxl.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[2], kwargs["added_cond_kwargs"]["text_embeds"])), with_kwargs=True
-    )
-    try:
-        cond = conditioner.encode("a red circle")
-        with attach(sdxl, conditioner):
+    cond = conditioner.encode("a red circle")
+    with attach(sdxl, conditioner):  # the spy, registered after attach's hook, sees what the UNet gets
+        hook = sdxl.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append((kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]["text_embeds"])),
+            with_kwargs=True,
+        )
+        try:
             sdxl(**cond.kwargs(), **TINY_STEPS)
-    finally:
-        hook.remove()
+        finally:
+            hook.remove()
     timesteps = sdxl.scheduler.timesteps
     assert len(seen) == len(timesteps)
-    features = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+    features = plain(torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]))
     for (hidden, pooled), t in zip(seen, timesteps):
         latents = connector(features, t, key_padding_mask=padding_mask(features))
         torch.testing.assert_close(hidden, latents)
@@ -369,11 +371,12 @@ def test_from_pretrained_loads_a_t5_encoder_and_a_connector(tmp_path, sd, tokeni
     connector = small_connector()
     save_file(connector.state_dict(), tmp_path / "connector.safetensors")
     connector.save_pretrained(tmp_path / "connector")
-    from_file = LLMAdapterConditioner.from_pretrained(
-        tmp_path / "lm", tmp_path / "connector.safetensors", pipe=sd,
+    from_file = LLMAdapterConditioner.from_pipeline(
+        sd, language_model=tmp_path / "lm", connector=tmp_path / "connector.safetensors",
         connector_config=dict(num_heads=4, num_blocks=2), flexible_length=True,
     )
-    from_folder = LLMAdapterConditioner.from_pretrained(tmp_path / "lm", tmp_path / "connector", flexible_length=True)
+    from_folder = LLMAdapterConditioner.from_pipeline(sd, language_model=tmp_path / "lm", connector=tmp_path / "connector",
+                                                      flexible_length=True)
     assert isinstance(from_file.language_model, T5EncoderModel)
     expected = LLMAdapterConditioner(tokenizer, language_models["t5"].eval(), connector, flexible_length=True)
     features = expected.encode("a red circle").prompt_embeds

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from condkit.conditioning.base import get_conditioner_class
+from condkit.conditioning.registry import get_conditioner_class
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.long_clip import (
     LongCLIPConditioner,
@@ -159,7 +159,7 @@ def test_by_default_the_last_window_stops_at_a_multiple_of_77(sd, prompts, negat
     assert trimmed.prompt_embeds.shape[1] == rows == trimmed.negative_prompt_embeds.shape[1]
     assert torch.equal(trimmed.prompt_embeds, whole.prompt_embeds[:, :rows])
     assert torch.equal(trimmed.negative_prompt_embeds, whole.negative_prompt_embeds[:, :rows])
-    embedded = LongCLIPConditioner.from_pipeline(sd).embed(prompts)[0]  # training: positives alone set the length
+    embedded = LongCLIPConditioner.from_pipeline(sd).embed(prompts).prompt_embeds  # training: positives alone set the length
     assert torch.equal(embedded, whole.prompt_embeds[:, : 77 if negative else rows])
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from condkit.conditioning.base import get_conditioner_class
+from condkit.conditioning.registry import get_conditioner_class
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.projection import CLP, WiCLP, ProjectedConditioner, load_projection
 from condkit.pipelines.attach import attach
@@ -94,14 +94,16 @@ def test_unet_sees_projection_only_early_and_only_on_the_positive_half(sd, clip)
     projection = trained(CLP(WIDTH))
     conditioner = ProjectedConditioner.from_pipeline(sd, projection, switch_off_timestep=500)
     seen = []
-    hook = sd.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args[1], args[2])), with_kwargs=True)
-    try:
-        cond = conditioner.encode("a red circle", "blurry")
-        with attach(sd, conditioner):
+    cond = conditioner.encode("a red circle", "blurry")
+    with attach(sd, conditioner):  # the spy, registered after attach's hook, sees what the UNet gets
+        hook = sd.unet.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append((args[1], kwargs["encoder_hidden_states"])), with_kwargs=True
+        )
+        try:
             sd(**cond.kwargs(), num_inference_steps=4, height=32, width=32, output_type="np")
             sd(**cond.kwargs(), num_inference_steps=4, guidance_scale=1.0, height=32, width=32, output_type="np")
-    finally:
-        hook.remove()
+        finally:
+            hook.remove()
     plain = clip.encode("a red circle", "blurry")
     timesteps = [int(t) for t in sd.scheduler.timesteps]
     assert any(t > 500 for t in timesteps) and any(t <= 500 for t in timesteps)

@@ -12,8 +12,9 @@ from condkit.conditioning.concat import ConcatConditioner
 from condkit.conditioning.ella_connector import TimestepAwareConnector
 from condkit.conditioning.llm_adapter import LLMAdapterConditioner, hidden_state_model
 from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP, load_projection
-from condkit.pipelines.attach import TimestepAwareUNet, attach
-from condkit.training.adapter_runs import load_trained_adapter, run_adapter_training
+from condkit.pipelines.attach import attach
+from condkit.conditioning.registry import load_conditioner
+from condkit.training.adapter_runs import run_adapter_training
 from condkit.training.adapters import ConnectorTraining, ProjectionTraining
 from condkit.training.loop import TrainingConfig, train
 from condkit.training.method import TrainingBatch
@@ -120,7 +121,7 @@ def test_projection_applies_above_the_switch_off_only(tmp_path):
     method = ProjectionTraining.from_pipeline(pipe, projection, switch_off_timestep=500)
     timesteps = torch.tensor([900, 500, 100])
     hidden, _ = method.conditioning(CAPTIONS, timesteps)
-    plain = method.clip.embed(CAPTIONS)[0]
+    plain = method.clip.embed(CAPTIONS).prompt_embeds
     assert torch.equal(hidden[1:], plain[1:])
     assert torch.allclose(hidden[0], projection(plain[0]), atol=1e-6) and not torch.allclose(hidden[0], plain[0])
 
@@ -178,8 +179,9 @@ def test_saved_connector_plugs_into_its_conditioner(tmp_path, concat_clip):
     noisy, batch = unet_inputs()
     features = conditioner.encode(CAPTIONS).prompt_embeds
     assert torch.equal(conditioner.at_timestep(features, timesteps), method.encoder_hidden_states(batch, timesteps))
-    proxy = TimestepAwareUNet(pipe.unet, conditioner)
-    assert torch.equal(proxy(noisy, timesteps, features).sample, method(pipe.unet, batch, noisy, timesteps))
+    with attach(pipe, conditioner):
+        attached = pipe.unet(noisy, timesteps, features).sample
+    assert torch.equal(attached, method(pipe.unet, batch, noisy, timesteps))
 
 
 @pytest.mark.parametrize("projection_class", [CLP, WiCLP])
@@ -197,8 +199,9 @@ def test_saved_projection_plugs_into_its_conditioner(tmp_path, projection_class)
     noisy, batch = unet_inputs()
     features = conditioner.encode(CAPTIONS).prompt_embeds
     assert torch.equal(conditioner.at_timestep(features, timesteps), method.encoder_hidden_states(batch, timesteps))
-    proxy = TimestepAwareUNet(pipe.unet, conditioner)
-    assert torch.equal(proxy(noisy, timesteps, features).sample, method(pipe.unet, batch, noisy, timesteps))
+    with attach(pipe, conditioner):
+        attached = pipe.unet(noisy, timesteps, features).sample
+    assert torch.equal(attached, method(pipe.unet, batch, noisy, timesteps))
 
 
 @pytest.mark.parametrize("flexible_length", [False, True])
@@ -241,7 +244,7 @@ def test_run_adapter_training_saves_a_pluggable_folder(tmp_path, tiny_model_fold
         options = {**options, "language_model": tiny_language_model_folder}
     common = dict(model=tiny_model_folder, dataset_size=6, batch_size=2, progress=False, checkpointing_steps=2)
     folder = run_adapter_training(kind, tmp_path / "run", steps=2, **common, **options)
-    assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "conditioner_config.json").is_file()
     with pytest.raises(FileExistsError, match="already exists"):
         run_adapter_training(kind, tmp_path / "run", steps=2, **common, **options)
     run_adapter_training(kind, tmp_path / "run", steps=3, resume=True, **common, **options)
@@ -251,7 +254,7 @@ def test_run_adapter_training_saves_a_pluggable_folder(tmp_path, tiny_model_fold
     from condkit.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(tiny_model_folder, "cpu", "float32")
-    conditioner = load_trained_adapter(folder, pipe)
+    conditioner = load_conditioner(folder, pipe)
     assert isinstance(conditioner, ConcatConditioner if kind == "llm" else ProjectedConditioner)
     cond = conditioner.encode("a red circle")
     with attach(pipe, conditioner):

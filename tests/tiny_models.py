@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
@@ -149,3 +150,71 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet matching `unet`, for 2x-downsampled control images (32 px images, 16 px latents).
+
+    The zero-initialised output convolutions get PyTorch's default random weights, so the control image
+    and the prompt embeddings the ControlNet sees both change the result.
+    """
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8), load_weights_from_unet=False)
+    zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]
+    for conv in zero_initialised:
+        conv.reset_parameters()
+    return controlnet.eval()
+
+
+def tiny_sd2_components(seed: int = 0) -> dict:
+    """SD2-like components: 1024-wide text encoder and cross-attention, linear projections, v-prediction."""
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer(pad_token="!")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+        layer_norm_eps=1e-5,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=4,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": _vae(),
+        "text_encoder": CLIPTextModel(text_config).eval(),
+        "tokenizer": tokenizer,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }

@@ -1,33 +1,52 @@
 """The contract every conditioner keeps: prompt text in, pipeline keyword arguments out.
 
 A `Conditioner` turns prompts into a `Conditioning`; `pipe(**conditioning.kwargs(), ...)` then works
-for any StableDiffusion / StableDiffusionXL pipeline that accepts `prompt_embeds`.
+for any diffusers pipeline that accepts `prompt_embeds`.
 
-Timestep-aware conditioners (ELLA-style connectors) return *features* from `encode()` instead of
-final UNet conditioning; the `TimestepAwareUNet` proxy in `condkit.pipelines.attach` calls
-`at_timestep(features, t)` inside every UNet call. The features travel through the pipeline exactly
-like prompt embeddings (batched, repeated per image, concatenated for CFG), so the conditioner
-receives them in the pipeline's row order and must derive anything it needs (such as true lengths
-of zero-padded rows) from the tensor itself.
+Timestep-aware conditioners (ELLA-style connectors, projections with a switch-off timestep) return
+*features* from `encode()` instead of final conditioning, marked `needs_attach`; the hooks that
+`condkit.attach` puts on the pipeline's denoisers call `at_timestep(features, t)` inside every
+denoiser call. The features travel through the pipeline exactly like prompt embeddings (batched,
+repeated per image, concatenated for CFG), so the conditioner receives them in the pipeline's row
+order and must derive anything it needs (such as true lengths of zero-padded rows) from the tensor.
+
+A conditioner is a unit: its `config` (the options that are not tensors) and its trainable parts
+are written by `save_pretrained(folder)` and read back by `Conditioner.from_pretrained(folder, pipe)`
+(or `condkit.load_conditioner`), which rebuilds it on the pipeline's own encoders.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, ClassVar, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from condkit.conditioning.features import as_features
+from condkit.conditioning.pipeline_fit import check_output_fits, conditioner_output
+
+CONFIG_NAME = "conditioner_config.json"
+
 
 @dataclass
 class Conditioning:
-    """Tensors a diffusers pipeline takes as keyword arguments."""
+    """Tensors a diffusers pipeline takes as keyword arguments.
+
+    needs_attach: prompt_embeds hold features that only the conditioner's `at_timestep` maps to
+    conditioning; they are `PipelineFeatures`, which refuse to reach a denoiser unattached.
+    """
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    needs_attach: bool = False
 
     def __post_init__(self) -> None:
         negative = self.negative_prompt_embeds
@@ -36,31 +55,39 @@ class Conditioning:
                 f"negative_prompt_embeds shape {tuple(negative.shape)} differs from prompt_embeds shape "
                 f"{tuple(self.prompt_embeds.shape)}; pad both to one length before building a Conditioning"
             )
+        if self.needs_attach:
+            self.prompt_embeds = as_features(self.prompt_embeds)
+            if negative is not None:
+                self.negative_prompt_embeds = as_features(negative)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def kwargs(self) -> dict[str, torch.Tensor]:
         """The non-empty tensors, keyed by the pipeline argument names."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return self.tensors()
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        moved = {name: tensor.to(device=device, dtype=dtype) for name, tensor in self.kwargs().items()}
+        moved = {name: tensor.to(device=device, dtype=dtype) for name, tensor in self.tensors().items()}
         return replace(self, **moved)
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
 
 
 class Conditioner(nn.Module):
     """Base class of every conditioning module.
 
-    Subclasses implement `encode`; timestep-aware ones set `timestep_aware = True` and implement
-    `at_timestep`. A conditioner's trainable part, if any, is a diffusers ModelMixin + ConfigMixin so
-    that save_pretrained / from_pretrained work as diffusers users expect.
+    Subclasses implement `embed` (differentiable; `encode` is the same under torch.no_grad()) and
+    `from_pipeline`; timestep-aware ones set `timestep_aware = True` and implement `at_timestep`.
+    `config_names` lists the `from_pipeline` options that `config` records; conditioners with
+    trained parts write them in `save_parts` and read them in `load_parts`.
     """
 
     timestep_aware: ClassVar[bool] = False
+    registered_name: ClassVar[str | None] = None
+    config_names: ClassVar[tuple[str, ...]] = ()
+    # Whether encode() gives exactly the tensors of the pipeline's own encode_prompt (no weights, one chunk).
+    reproduces_pipeline_prompts: ClassVar[bool] = False
 
-    def encode(
+    def embed(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
@@ -68,19 +95,104 @@ class Conditioner(nn.Module):
     ) -> Conditioning:
         raise NotImplementedError
 
-    def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Map `encode()` features to UNet encoder_hidden_states at diffusion timestep `timestep`."""
+    def encode(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+    ) -> Conditioning:
+        """`embed` without gradients: what a pipeline call needs."""
+        with torch.no_grad():
+            return self.embed(prompt, negative_prompt, num_images_per_prompt)
+
+    def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Map `encode()` features to a denoiser's encoder_hidden_states (and, optionally, pooled vector) at `timestep`."""
         raise NotImplementedError(f"{type(self).__name__} is not timestep-aware")
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **options: Any) -> Conditioner:
         raise NotImplementedError(f"{cls.__name__} cannot be built from a pipeline")
 
+    @classmethod
+    def example_options(cls, pipe: Any) -> dict[str, Any]:
+        """Options that make a runnable (possibly untrained) instance on `pipe`; the conformance suite uses them."""
+        return {}
+
     @property
     def device(self) -> torch.device:
         for tensor in self.parameters():
             return tensor.device
         return torch.device("cpu")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.config_names}
+
+    def save_parts(self, folder: Path) -> None:
+        """Write the trained parts into `folder` (nothing for conditioners that only wrap a pipeline's encoders)."""
+
+    @classmethod
+    def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
+        """The `from_pipeline` options that `save_parts` wrote, loaded."""
+        return {}
+
+    def save_pretrained(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the config and trained parts; the folder appears whole or not at all."""
+        folder = Path(folder)
+        if folder.exists() and not overwrite and (not folder.is_dir() or any(folder.iterdir())):
+            raise FileExistsError(f"{str(folder)!r} already exists; choose another folder or pass overwrite=True")
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"{type(self).__name__} has non-finite values in {name}; nothing was saved")
+        if self.registered_name is None:
+            raise TypeError(f"{type(self).__name__} is not registered (use @register_conditioner) and cannot be reloaded")
+        record = {
+            "conditioner": self.registered_name,
+            "_class_name": type(self).__name__,
+            "output": conditioner_output(self),
+            "config": self.config,
+        }
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            self.save_parts(staging)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, pipe: Any, **options: Any) -> Conditioner:
+        """Rebuild a saved conditioner on `pipe`; `options` override the saved config."""
+        from condkit.conditioning.registry import get_conditioner_class
+
+        folder = Path(folder)
+        record = read_saved_record(folder)
+        saved_class = get_conditioner_class(record["conditioner"])
+        if not issubclass(saved_class, cls):
+            raise ValueError(f"{str(folder)!r} holds a {saved_class.__name__}, not a {cls.__name__}")
+        check_output_fits(record["output"], pipe, f"the conditioner saved in {str(folder)!r}")
+        return saved_class.from_pipeline(pipe, **{**record["config"], **saved_class.load_parts(folder, pipe), **options})
+
+
+def read_saved_record(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"conditioner folder {str(folder)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{str(folder)!r} is not a saved conditioner (no {CONFIG_NAME}); expected a folder written by save_pretrained")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    missing = [key for key in ("conditioner", "output", "config") if key not in record]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}; expected a file written by save_pretrained")
+    return record
 
 
 def as_prompt_list(prompt: str | list[str], what: str = "prompt") -> list[str]:
@@ -101,43 +213,3 @@ def as_negative_list(negative_prompt: str | list[str] | None, batch_size: int) -
     if len(negatives) != batch_size:
         raise ValueError(f"got {len(negatives)} negative prompts for {batch_size} prompts; expected {batch_size} or one")
     return negatives
-
-
-_REGISTRY: dict[str, type[Conditioner]] = {}
-C = TypeVar("C", bound=type[Conditioner])
-
-
-def register_conditioner(name: str) -> Callable[[C], C]:
-    """Class decorator: make a conditioner available by name (Python API and `--conditioner NAME`)."""
-
-    def decorate(cls: C) -> C:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"conditioner name {name!r} is already registered to {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        cls.registered_name = name
-        return cls
-
-    return decorate
-
-
-def available_conditioners() -> list[str]:
-    _import_builtin_conditioners()
-    return sorted(_REGISTRY)
-
-
-def get_conditioner_class(name: str) -> type[Conditioner]:
-    _import_builtin_conditioners()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown conditioner {name!r}; expected one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _import_builtin_conditioners() -> None:
-    import importlib
-
-    for module in ("clip", "long_clip", "llm_adapter", "projection"):
-        try:
-            importlib.import_module(f"condkit.conditioning.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"condkit.conditioning.{module}":
-                raise

@@ -25,13 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from condkit.conditioning.base import (
-    Conditioner,
-    Conditioning,
-    as_negative_list,
-    as_prompt_list,
-    register_conditioner,
-)
+from condkit.conditioning.base import Conditioner, Conditioning, as_negative_list, as_prompt_list
+from condkit.conditioning.registry import register_conditioner
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
 from condkit.conditioning.embeddings import expand_prompt
 
@@ -68,6 +63,9 @@ class CLIPConditioner(Conditioner):
             (positive and negative), as tokenizers' pad_to_multiple_of does. The kept states are
             exactly those of the whole window; the UNet just sees fewer padding positions.
     """
+
+    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of")
+    reproduces_pipeline_prompts = True
 
     def __init__(
         self,
@@ -117,7 +115,7 @@ class CLIPConditioner(Conditioner):
             raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to wrap")
         return cls(tokenizers, encoders, **options)
 
-    def encode(
+    def embed(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
@@ -128,8 +126,9 @@ class CLIPConditioner(Conditioner):
         zero_negative = negatives is None and self.zero_empty_negative
         if negatives is None and not zero_negative:
             negatives = [""] * len(prompts)
+        distinct_negatives = list(dict.fromkeys(negatives or []))
 
-        positive, negative = self._chunk(prompts), self._chunk(negatives or [])
+        positive, negative = self._chunk(prompts), self._chunk(distinct_negatives)
         n_chunks = max(c.n_chunks for side in (positive, negative) for group in side for c in group)
         length = self._output_length([positive, negative], n_chunks)
         embeds, pooled = self._encode_group(positive, n_chunks, length)
@@ -138,6 +137,9 @@ class CLIPConditioner(Conditioner):
             negative_pooled = None if pooled is None else torch.zeros_like(pooled)
         else:
             negative_embeds, negative_pooled = self._encode_group(negative, n_chunks, length)
+            rows = [distinct_negatives.index(text) for text in negatives]  # each distinct negative is encoded once
+            negative_embeds = negative_embeds[rows]
+            negative_pooled = None if negative_pooled is None else negative_pooled[rows]
 
         def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.repeat_interleave(num_images_per_prompt, dim=0)
@@ -148,12 +150,6 @@ class CLIPConditioner(Conditioner):
             pooled_prompt_embeds=repeat(pooled),
             negative_pooled_prompt_embeds=repeat(negative_pooled),
         )
-
-    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states (and SDXL's pooled vector) of prompts alone, no negatives: for training."""
-        chunked = self._chunk(prompts)
-        n_chunks = max(c.n_chunks for group in chunked for c in group)
-        return self._encode_group(chunked, n_chunks, self._output_length([chunked], n_chunks))
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
         """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""

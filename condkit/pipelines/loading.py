@@ -73,7 +73,7 @@ def load_pipeline(
             raise FileNotFoundError(f"model folder {str(source)!r} does not exist")
         if not (source / "model_index.json").is_file():
             raise ValueError(f"{str(source)!r} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=resolved_dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=resolved_dtype)
     else:
         pipe = _from_hub(str(source), resolved_dtype)
     has_text_encoder = getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
@@ -92,7 +92,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
     except Exception as error:  # offline, gated, missing: every cause gets the same one-line report
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(

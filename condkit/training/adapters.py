@@ -186,7 +186,8 @@ class ConnectorTraining(_AdapterTraining):
 
     def clip_embeddings(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         with frozen_encoding(self.clip.text_encoders[0].device):
-            return self.clip.embed(captions)
+            conditioning = self.clip.embed(captions)
+        return conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
 
     def conditioning(self, captions: list[str], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(encoder_hidden_states, pooled or None) for `captions` at per-row `timesteps`."""
@@ -277,7 +278,8 @@ class ProjectionTraining(_AdapterTraining):
     def conditioning(self, captions: list[str], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(encoder_hidden_states, pooled or None): CLIP embeddings, projected on the selected rows."""
         with frozen_encoding(self.clip.text_encoders[0].device):
-            embeds, pooled = self.clip.embed(captions)
+            conditioning = self.clip.embed(captions)
+        embeds, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
         selected = self.projected_rows(timesteps).to(embeds.device)
         # Project exactly the selected rows, as ProjectedConditioner does; an empty selection still
         # runs the projection (on no rows) so that every process's graph holds its parameters.

@@ -184,7 +184,8 @@ class ContextRegularizer:
         self, unet: nn.Module, prompt: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """(cross-attention layers, batch, tokens): attention each token of `prompt` receives, per layer."""
-        hidden, pooled = self.conditioner.embed([prompt])
+        conditioning = self.conditioner.embed([prompt])
+        hidden, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
         batch = noisy_latents.shape[0]
         conditions: dict[str, Any] = {}
         if pooled is not None:

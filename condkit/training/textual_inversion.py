@@ -136,10 +136,11 @@ class TextualInversion(TrainingMethod):
         return chosen
 
     def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.conditioner.embed(self.prompts_for(batch))[0]
+        return self.conditioner.embed(self.prompts_for(batch)).prompt_embeds
 
     def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        hidden, pooled = self.conditioner.embed(self.prompts_for(batch))
+        conditioning = self.conditioner.embed(self.prompts_for(batch))
+        hidden, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
         if not self.is_sdxl:
             return unet(noisy_latents, timesteps, encoder_hidden_states=hidden).sample
         return unet(noisy_latents, timesteps, encoder_hidden_states=hidden,
