@@ -1,8 +1,11 @@
-"""CLIPConditioner vs the plain pipeline: identical images, and the wall-time ratio.
+"""condkit's inference path vs the plain pipeline: identical images, and the wall-time ratio.
 
-Each pair runs the pipeline twice with the same prompts, seeds and settings — once with prompt
-strings (diffusers encodes them), once with CLIPConditioner's Conditioning (encoding included in
-the timed region) — in alternating order. Prints the median ratio over the pairs.
+Two conditioners are compared with the plain pipeline (prompt strings, diffusers encodes them):
+- CLIPConditioner, the static path: its Conditioning goes in as keyword arguments;
+- an identity projection with τ = 0 (ProjectedConditioner over a fresh WiCLP, which is the identity),
+  the timestep-aware path: attach's hooks map the features in every UNet call.
+Each round runs the three in rotating order with the same prompts, seeds and settings (encoding
+included in the timed region). Prints the median ratio to the plain run of the same round.
 
     python benchmarks/bench_clip_overhead.py                 # embedded shapes-world model
     python benchmarks/bench_clip_overhead.py --model PATH    # any SD / SDXL pipeline folder
@@ -17,8 +20,7 @@ import time
 import numpy as np
 import torch
 
-from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.loading import load_pipeline
+from condkit import attach, load_conditioner, load_pipeline
 
 
 def main() -> None:
@@ -32,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    conditioner = CLIPConditioner.from_pipeline(pipe)
+    clip = load_conditioner("clip", pipe)
+    identity_projection = load_conditioner("projected", pipe, projection="wiclp", switch_off_timestep=0)
     prompts = ["a red circle to the left of a blue square", "a small green triangle", "a large yellow diamond above a pink cross",
                "a purple circle on a gray background"][: args.images]
     prompts += prompts[0:1] * (args.images - len(prompts))
@@ -45,28 +48,34 @@ def main() -> None:
     def plain():
         return pipe(prompt=prompts, negative_prompt=negatives, generator=seeds(), **common).images
 
-    def ours():
-        with torch.no_grad():
-            cond = conditioner.encode(prompts, negatives)
-        return pipe(**cond.kwargs(), generator=seeds(), **common).images
+    def with_conditioner(conditioner):
+        def run():
+            with attach(pipe, conditioner):
+                return pipe(**conditioner.encode(prompts, negatives).kwargs(), generator=seeds(), **common).images
 
-    assert np.array_equal(plain(), ours()), "images differ between the plain pipeline and CLIPConditioner"
-    print("images identical: yes")
-    ratios, plain_times, our_times = [], [], []
-    for pair in range(args.pairs):
-        order = (plain, ours) if pair % 2 == 0 else (ours, plain)
-        timings = {}
-        for run in order:
+        return run
+
+    runs = {"plain pipeline": plain, "CLIPConditioner": with_conditioner(clip),
+            "identity projection (hooks)": with_conditioner(identity_projection)}
+    reference = plain()
+    for name, run in list(runs.items())[1:]:
+        assert np.array_equal(run(), reference), f"images differ between the plain pipeline and {name}"
+    print("images identical: yes (both)")
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_index in range(args.pairs):
+        order = names[round_index % 3 :] + names[: round_index % 3]
+        for name in order:
             start = time.perf_counter()
-            run()
-            timings[run] = time.perf_counter() - start
-        plain_times.append(timings[plain])
-        our_times.append(timings[ours])
-        ratios.append(timings[ours] / timings[plain])
-    print(f"device {pipe._execution_device}, {len(prompts)} images x {args.steps} steps, {args.pairs} pairs")
-    print(f"plain pipeline   median {statistics.median(plain_times):.3f} s")
-    print(f"CLIPConditioner  median {statistics.median(our_times):.3f} s")
-    print(f"ratio (ours / plain), median of pairs: {statistics.median(ratios):.4f}  (target <= 1.02)")
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+        for name in names:
+            ratios[name].append(times[name][-1] / times["plain pipeline"][-1])
+    print(f"device {pipe._execution_device}, {len(prompts)} images x {args.steps} steps, {args.pairs} rounds")
+    for name in names:
+        print(f"{name:28s} median {statistics.median(times[name]):.3f} s   ratio {statistics.median(ratios[name]):.4f}")
+    print("target: ratio <= 1.01 for both")
 
 
 if __name__ == "__main__":

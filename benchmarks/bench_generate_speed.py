@@ -16,20 +16,21 @@ import time
 
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
+from condkit.embedded import NAME
 from condkit.pipelines.generate import GenerationSettings, PromptRequest, describe_run, generate, save_results
-from condkit.pipelines.loading import load_pipeline
 
 PROMPTS = ["a red circle", "a blue square to the left of a yellow triangle", "a small green diamond", "a pink cross above a cyan circle"]
 
 
 def one_run(out_dir: str) -> tuple[float, float]:
     start = time.perf_counter()
-    pipe = load_pipeline(None, "cpu", "float32")
+    pipe = load_pipeline(None, "cpu", "float32")  # None: the embedded model
     loaded = time.perf_counter()
     settings = GenerationSettings(steps=25, guidance=5.0, seed=0, batch_size=4)
     results = generate(pipe, CLIPConditioner.from_pipeline(pipe), [PromptRequest(p) for p in PROMPTS], settings, progress=False)
-    save_results(results, out_dir, describe_run(pipe, "clip", "condkit:shapes-world", settings))
+    save_results(results, out_dir, describe_run(pipe, "clip", NAME, settings))
     return loaded - start, time.perf_counter() - start
 
 

@@ -61,7 +61,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from condkit.pipelines.loading import EMBEDDED_MODEL
+from condkit.shapes_world import MODEL_DIR
 from condkit.shapes_world.concepts import concept_images, save_concept_images
 
 PEER_PATH_IN_REPO = "examples/textual_inversion/textual_inversion.py"
@@ -251,7 +251,7 @@ def main() -> None:
     source.add_argument("--peer-script", default=None, help=f"a copy of diffusers' {PEER_PATH_IN_REPO}")
     parser.add_argument("--diffusers-ref", default=None,
                         help="read the script at this git ref (default: a checkout's working tree, else HEAD)")
-    parser.add_argument("--model", default=str(EMBEDDED_MODEL),
+    parser.add_argument("--model", default=str(MODEL_DIR),
                         help="SD-1.x-style pipeline folder (default: the embedded shapes world)")
     parser.add_argument("--steps", type=int, default=100, help="S: each tool runs at S and 2S steps (default: 100)")
     parser.add_argument("--repeats", type=int, default=3)

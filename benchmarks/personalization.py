@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.loading import load_pipeline
 from condkit.shapes_world.captions import parse_caption
 from condkit.shapes_world.concepts import concept_images
 from condkit.shapes_world.scorer import score
@@ -67,11 +67,12 @@ def train_concept(method_name: str, args, images) -> tuple:
     """A fresh pipeline with the concept learned by TI ("ti") or TI + CoRe ("core")."""
     pipe = load_pipeline(args.model, "cpu", "float32", progress=False)
     common = dict(placeholder=PLACEHOLDER, initializer="object", num_vectors=args.num_vectors, seed=args.seed)
-    method = TextualInversion(pipe, **common) if method_name == "ti" else CoRe(pipe, **common)
+    clip = CLIPConditioner.from_pipeline(pipe)
+    method = TextualInversion(clip, **common) if method_name == "ti" else CoRe(clip, **common)
     config = TrainingConfig(output_dir=Path(tempfile.mkdtemp()) / method_name, max_train_steps=args.steps,
                             train_batch_size=4, learning_rate=5e-3, resolution=64, seed=args.seed,
                             checkpointing_steps=args.steps, show_progress=not args.quiet)
-    train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config)
+    train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=clip)
     return pipe, method.eval()
 
 

@@ -34,7 +34,7 @@ _EXPORTS = {
     "load_conditioner": "condkit.conditioning.registry",
     "load_embedding": "condkit.conditioning.embeddings",
     "attach": "condkit.pipelines.attach",
-    "load_pipeline": "condkit.pipelines.loading",
+    "load_pipeline": "condkit.embedded",
     "generate": "condkit.pipelines.generate",
     "GenerationSettings": "condkit.pipelines.generate",
     "PromptRequest": "condkit.pipelines.generate",

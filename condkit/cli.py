@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     long_clip.add_argument("--steps", type=int, default=300)
     long_clip.add_argument("--batch-size", type=int, default=64)
     long_clip.add_argument("--learning-rate", type=float, default=1e-6,
-                           help="default 1e-6, Long-CLIP's; larger rates cost short prompts (README table)")
+                           help="default 1e-6, Long-CLIP's; larger rates cost short prompts (docs/results.md)")
     long_clip.add_argument("--seed", type=int, default=0)
     long_clip.add_argument("--checkpointing-steps", type=int, default=100)
     long_clip.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -204,7 +204,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from condkit.pipelines.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
+    from condkit.shapes_world.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
     from condkit.pipelines.generate import GenerationSettings, check_writable
 
     if args.images_per_prompt <= 0:
@@ -239,7 +239,7 @@ def run_world_train(args: argparse.Namespace) -> None:
 def run_train_textual_inversion(args: argparse.Namespace) -> None:
     from condkit.training.textual_inversion import TextualInversion
 
-    _train_new_token(args, lambda pipe: TextualInversion(pipe, args.placeholder, args.initializer, args.num_vectors,
+    _train_new_token(args, lambda conditioner: TextualInversion(conditioner, args.placeholder, args.initializer, args.num_vectors,
                                                          args.templates, args.seed))
 
 
@@ -251,8 +251,8 @@ def run_train_core(args: argparse.Namespace) -> None:
     if args.test_time is not None and args.placeholder not in args.test_time:
         raise ValueError(f"--test-time prompt {args.test_time!r} does not contain the placeholder {args.placeholder!r}")
     norm_window = None if args.no_norm_rescaling else tuple(args.norm_window)
-    method, pipe = _train_new_token(args, lambda pipe: CoRe(
-        pipe, args.placeholder, args.initializer, args.num_vectors, args.templates, args.seed,
+    method, pipe = _train_new_token(args, lambda conditioner: CoRe(
+        conditioner, args.placeholder, args.initializer, args.num_vectors, args.templates, args.seed,
         lambda_embedding=args.lambda_embedding, lambda_attention=args.lambda_attention, norm_window=norm_window))
     if args.test_time is not None:
         adjusted = test_time_optimize(method, pipe, args.test_time, args.test_time_steps, args.test_time_lr, seed=args.seed)
@@ -264,7 +264,8 @@ def run_train_core(args: argparse.Namespace) -> None:
 
 def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]) -> tuple[Any, Any]:
     """Shared by textual inversion and CoRe: validate, load, train, save the learned embedding."""
-    from condkit.pipelines.loading import load_pipeline
+    from condkit.conditioning.clip import CLIPConditioner
+    from condkit.embedded import load_pipeline
     from condkit.training.image_folder import ImageFolder
     from condkit.training.loop import TrainingConfig, make_accelerator, train
 
@@ -276,9 +277,10 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
     dataset = ImageFolder(args.images)
     accelerator = make_accelerator(args.mixed_precision)
-    # The frozen encoders run inside the method, so they must sit on the device the loop trains on.
+    # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32", progress=not args.quiet)
-    method = make_method(pipe)
+    conditioner = CLIPConditioner.from_pipeline(pipe)
+    method = make_method(conditioner)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = TrainingConfig(
         output_dir=out, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
@@ -287,7 +289,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         checkpointing_steps=args.checkpointing_steps, seed=args.seed, show_progress=not args.quiet,
         resume_from_checkpoint="latest" if args.resume else None,
     )
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, accelerator=accelerator)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)
     written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
     print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
     return method, pipe
@@ -296,13 +298,14 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
 def run_train_long_clip(args: argparse.Namespace) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
-    from condkit.pipelines.loading import EMBEDDED_MODEL
+    from condkit.shapes_world import MODEL_DIR
+    from condkit.shapes_world.dataset import long_caption_pairs
     from condkit.training.checkpoint import list_checkpoints
-    from condkit.training.long_clip import LongCLIPMethod, save_long_clip_text_encoder, shapes_world_pairs, train_long_clip
+    from condkit.training.long_clip import LongCLIPMethod, save_long_clip_text_encoder, train_long_clip
     from condkit.training.loop import TrainingConfig
 
-    clip_dir = Path(args.clip) if args.clip else EMBEDDED_MODEL / "clip"
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else EMBEDDED_MODEL / "tokenizer"
+    clip_dir = Path(args.clip) if args.clip else MODEL_DIR / "clip"
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else MODEL_DIR / "tokenizer"
     for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
@@ -314,19 +317,23 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
         resume_from_checkpoint="latest" if args.resume else None, show_progress=not args.quiet,
     )  # fmt: skip
     method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
-    result = train_long_clip(method, shapes_world_pairs(args.pairs, seed=args.seed), config)
+    result = train_long_clip(method, long_caption_pairs(args.pairs, seed=args.seed), config)
     folder = save_long_clip_text_encoder(method.model, method.tokenizer, args.out)
     loss = f"final loss {result.losses[-1]:.4f}" if result.losses else f"already at step {result.last_step}"
     print(f"{loss}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
 
 
 def run_train_adapter(args: argparse.Namespace) -> None:
+    from condkit.embedded import default_model
+    from condkit.shapes_world.dataset import adapter_dataset
     from condkit.training.adapter_runs import run_adapter_training
 
+    dataset = adapter_dataset(args.dataset_size, seed=args.seed)  # rendered at the pipeline's resolution
     folder = run_adapter_training(
-        args.kind, args.out, model=args.model, language_model=args.language_model, projection=args.projection,
+        args.kind, args.out, model=args.model if args.model is not None else default_model(),
+        language_model=args.language_model, projection=args.projection,
         concat_clip=args.concat_clip, switch_off_timestep=args.switch_off_timestep,
-        project_all_timesteps=args.project_all_timesteps, dataset_size=args.dataset_size,
+        project_all_timesteps=args.project_all_timesteps, dataset=dataset,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
         seed=args.seed, progress=not args.quiet,
     )
@@ -437,7 +444,7 @@ def _read_embeddings(values: list[str]) -> list[Any]:
 
 def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any]) -> Any:
     from condkit.conditioning.embeddings import load_embedding
-    from condkit.pipelines.loading import load_pipeline
+    from condkit.embedded import load_pipeline
 
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     for embedding in embeddings:
@@ -447,9 +454,10 @@ def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[An
 
 def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, embeddings: list[Any]) -> dict[str, Any]:
     """What the metadata JSON says about the run: model, conditioner, settings, and the --embedding values by token."""
+    from condkit.embedded import NAME
     from condkit.pipelines.generate import describe_run
 
-    run = describe_run(pipe, label, args.model or "condkit:shapes-world", settings)
+    run = describe_run(pipe, label, args.model or NAME, settings)
     if embeddings:
         run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
     return run

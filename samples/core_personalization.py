@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.embeddings import load_embedding
 from condkit.pipelines.generate import image_grid
-from condkit.pipelines.loading import load_pipeline
 from condkit.shapes_world.concepts import concept_images, save_concept_images
 from condkit.training.core import CoRe, test_time_optimize
 from condkit.training.image_folder import ImageFolder
@@ -26,9 +26,10 @@ run_dir = tempfile.mkdtemp(prefix="condkit-core-")
 images = ImageFolder(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"))
 
 pipe = load_pipeline()
-method = CoRe(pipe, "<thing>", initializer="object", num_vectors=1)  # the paper's λ and norm window
+clip = CLIPConditioner.from_pipeline(pipe)
+method = CoRe(clip, "<thing>", initializer="object", num_vectors=1)  # the paper's λ and norm window
 config = TrainingConfig(output_dir=run_dir, max_train_steps=STEPS, train_batch_size=4, learning_rate=5e-3)
-train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config)
+train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=clip)
 trained_file = method.save_embedding(f"{run_dir}/learned_embeds.safetensors")[0]
 adjusted = test_time_optimize(method, pipe, PROMPT)  # 10 steps on the regularizers alone, no images
 print(f"test-time regularization loss {adjusted.initial_loss:.4g} -> {adjusted.final_loss:.4g}")

@@ -7,9 +7,9 @@ import os
 
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.pipelines.generate import image_grid
-from condkit.pipelines.loading import load_pipeline
 
 pipe = load_pipeline()
 conditioner = CLIPConditioner.from_pipeline(pipe)

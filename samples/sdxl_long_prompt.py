@@ -9,8 +9,8 @@ import os
 
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.loading import load_pipeline
 
 pipe = load_pipeline(os.environ.get("MODEL", "stabilityai/stable-diffusion-xl-base-1.0"))
 conditioner = CLIPConditioner.from_pipeline(pipe, clip_skip=1)

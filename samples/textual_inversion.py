@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
+from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.embeddings import load_embedding
 from condkit.pipelines.generate import image_grid
-from condkit.pipelines.loading import load_pipeline
 from condkit.shapes_world.concepts import concept_images, save_concept_images
 from condkit.training.image_folder import ImageFolder
 from condkit.training.loop import TrainingConfig, train
@@ -25,9 +25,10 @@ run_dir = tempfile.mkdtemp(prefix="condkit-ti-")
 images = ImageFolder(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"))
 
 pipe = load_pipeline()
-method = TextualInversion(pipe, "<thing>", initializer="object", num_vectors=1)
+clip = CLIPConditioner.from_pipeline(pipe)
+method = TextualInversion(clip, "<thing>", initializer="object", num_vectors=1)
 config = TrainingConfig(output_dir=run_dir, max_train_steps=STEPS, train_batch_size=4, learning_rate=5e-3)
-train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config)
+train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=clip)
 embedding_file = method.save_embedding(f"{run_dir}/learned_embeds.safetensors")[0]
 
 fresh = load_pipeline()  # any pipeline with the same text encoder takes the file

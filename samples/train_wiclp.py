@@ -13,10 +13,13 @@ import torch
 
 import condkit
 from condkit.pipelines.generate import image_grid
+from condkit.shapes_world import MODEL_DIR
+from condkit.shapes_world.dataset import adapter_dataset
 
 STEPS = int(os.environ.get("STEPS", 500))
-folder = condkit.train_adapter("projection", tempfile.mkdtemp(prefix="condkit-wiclp-"), projection="wiclp",
-                               steps=STEPS, learning_rate=1e-4)
+# The shapes world's pipeline and its adapter data (2000 captions, 70% two-object), as `condkit train adapter` uses.
+folder = condkit.train_adapter("projection", tempfile.mkdtemp(prefix="condkit-wiclp-"), model=MODEL_DIR,
+                               dataset=adapter_dataset(2000), projection="wiclp", steps=STEPS, learning_rate=1e-4)
 
 pipe = condkit.load_pipeline()
 prompt = "a green circle above a red square"

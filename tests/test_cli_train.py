@@ -163,9 +163,9 @@ def test_train_adapter_unknown_kind(capsys):
 def test_long_clip_training_checkpoints_and_resumes(tmp_path, capsys):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-    from condkit.pipelines.loading import EMBEDDED_MODEL
+    from condkit.shapes_world import MODEL_DIR
 
-    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
     text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=4, eos_token_id=tokenizer.eos_token_id, projection_dim=16)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -182,3 +182,32 @@ def test_long_clip_training_checkpoints_and_resumes(tmp_path, capsys):
     code, captured = run(capsys, *argv, "--steps", "2", "--resume")
     assert code == 0, captured.err
     assert (out / "checkpoints" / "step-000002").is_dir()
+
+
+def test_every_listed_conditioner_generates_or_names_what_it_needs(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "generate", "--list-conditioners")
+    names = captured.out.split()
+    assert {"clip", "long-clip", "projected", "llm-adapter", "concat"} <= set(names)
+    for name in names:
+        out = tmp_path / name
+        code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", name, "--prompt", "a red circle",
+                             "--steps", "1", "--out", out, "--quiet")
+        if code == 0:
+            assert len(list(out.glob("*.png"))) == 1, name
+        else:
+            assert code == 2 and captured.err.count("\n") == 1 and "--opt " in captured.err, (name, captured.err)
+            assert not out.exists()
+
+
+def test_a_saved_conditioner_from_python_runs_from_the_cli(model_dir, tmp_path, capsys):
+    from condkit import load_conditioner, load_pipeline
+
+    pipe = load_pipeline(model_dir, "cpu")
+    load_conditioner("projected", pipe, projection="wiclp", switch_off_timestep=700).save_pretrained(tmp_path / "unit")
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", tmp_path / "unit", "--opt",
+                         "switch_off_timestep=600", "--prompt", "a red circle", "--steps", "1", "--out", tmp_path / "o", "--quiet")
+    assert code == 0, captured.err
+    code, captured = run(capsys, "generate", "--conditioner", tmp_path / "unit", "--prompt", "a red circle",
+                         "--steps", "1", "--out", tmp_path / "o2", "--quiet")  # the embedded model: another base width
+    assert code == 2 and "saved for another base model or pipeline family" in captured.err and captured.err.count("\n") == 1
+    assert not (tmp_path / "o2").exists()

@@ -80,7 +80,7 @@ def test_weights_scale_tokens_and_keep_the_chunk_mean(sd):
 
 
 def test_apply_emphasis_leaves_unweighted_chunks_untouched():
-    hidden = torch.randn(2, 3, 5, 4)
+    hidden = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
     weights = torch.ones(2, 3, 5)
     weights[1, 2, 1] = 2.0
     out = apply_emphasis(hidden, weights)

@@ -16,6 +16,7 @@ from condkit.training.core_regularizers import align_context
 from condkit.training.core_templates import SHAPES_WORLD
 from condkit.training.loop import TrainingConfig, train
 from condkit.training.textual_inversion import TextualInversion
+from training_helpers import clip, train_with_clip
 from tiny_models import byte_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 # In the tiny byte-level tokenizer every character is a token, so "o" is a one-token category word.
@@ -87,24 +88,24 @@ def test_alignment_maps_context_tokens_across_concept_lengths():
 @pytest.mark.parametrize("make_pipe", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 def test_regularizers_vanish_when_the_rows_are_the_category_word(make_pipe):
     pipe = make_pipe()
-    method = CoRe(pipe, "<c>", ONE_TOKEN_CATEGORY, num_vectors=1)
+    method = CoRe(clip(pipe), "<c>", ONE_TOKEN_CATEGORY, num_vectors=1)
     latents, timesteps = unet_inputs()
     for template in ("a {} in the jungle", "a {} to the left of a blue square", "{}"):
-        losses = method.regularization_losses(pipe.unet, template, latents, timesteps)
+        losses = method.regularization_losses(pipe.unet, template, latents, timesteps, (32, 32))
         assert losses.embedding.item() < 1e-6, template
         assert losses.attention.item() == 0.0, template
     randomize_rows(method)
     for template in ("a {} in the jungle", "a {} to the left of a blue square"):
-        losses = method.regularization_losses(pipe.unet, template, latents, timesteps)
+        losses = method.regularization_losses(pipe.unet, template, latents, timesteps, (32, 32))
         assert losses.embedding.item() > 1e-3, template
         assert losses.attention.item() > 0.0, template
 
 
 def test_multi_vector_placeholder_and_multi_token_category_are_compared_on_context_only():
     pipe = tiny_sd_pipeline()
-    method = CoRe(pipe, "<c>", "red", num_vectors=3)
+    method = CoRe(clip(pipe), "<c>", "red", num_vectors=3)
     latents, timesteps = unet_inputs()
-    losses = method.regularization_losses(pipe.unet, "a {} on a yellow background", latents, timesteps)
+    losses = method.regularization_losses(pipe.unet, "a {} on a yellow background", latents, timesteps, (32, 32))
     assert torch.isfinite(losses.embedding) and losses.embedding.item() > 0
     assert torch.isfinite(losses.attention) and losses.attention.item() > 0
     losses.weighted(1.0, 1.0).backward()
@@ -145,9 +146,9 @@ def test_core_trains_only_the_new_rows(make_pipe, tmp_path):
     encoders_before = [{n: p.clone() for n, p in encoder.named_parameters()} for encoder in encoders]
     unet_before = {n: p.clone() for n, p in pipe.unet.named_parameters()}
     processors_before = dict(pipe.unet.attn_processors)
-    method = CoRe(pipe, "<c>", "red", num_vectors=2, lambda_embedding=1.0, lambda_attention=1.0)
+    method = CoRe(clip(pipe), "<c>", "red", num_vectors=2, lambda_embedding=1.0, lambda_attention=1.0)
     start = method.learned_vectors()
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, squares(), run_config(tmp_path))
+    result = train_with_clip(pipe, method, squares(), run_config(tmp_path))
     assert len(result.losses) == 3
     assert all(not torch.equal(learned, initial) for learned, initial in zip(method.learned_vectors(), start))
     for encoder, before in zip(encoders, encoders_before):
@@ -159,13 +160,13 @@ def test_core_trains_only_the_new_rows(make_pipe, tmp_path):
 
 
 def test_core_adds_its_regularizers_to_the_textual_inversion_loss(tmp_path):
-    def curve(method, name):
+    def curve(make_method, name):
         pipe = tiny_sd_pipeline()
-        return train(method, pipe.unet, pipe.vae, pipe.scheduler, squares(), run_config(tmp_path / name)).losses
+        return train_with_clip(pipe, make_method(clip(pipe)), squares(), run_config(tmp_path / name)).losses
 
-    plain = curve(TextualInversion(tiny_sd_pipeline(), "<c>", "red", num_vectors=2), "plain")
-    silent = curve(CoRe(tiny_sd_pipeline(), "<c>", "red", num_vectors=2, lambda_embedding=0.0, lambda_attention=0.0), "silent")
-    regularized = curve(CoRe(tiny_sd_pipeline(), "<c>", "red", num_vectors=2, lambda_embedding=1.0, lambda_attention=1.0), "core")
+    plain = curve(lambda conditioner: TextualInversion(conditioner, "<c>", "red", num_vectors=2), "plain")
+    silent = curve(lambda conditioner: CoRe(conditioner, "<c>", "red", num_vectors=2, lambda_embedding=0.0, lambda_attention=0.0), "silent")
+    regularized = curve(lambda conditioner: CoRe(conditioner, "<c>", "red", num_vectors=2, lambda_embedding=1.0, lambda_attention=1.0), "core")
     assert silent == plain  # with both weights 0 CoRe is textual inversion, bit for bit
     # Step 1 starts from the same rows and draws the same noise, so it differs only by the regularizers,
     # which are positive here: two averaged vectors of "red" do not act like its three tokens.
@@ -175,14 +176,14 @@ def test_core_adds_its_regularizers_to_the_textual_inversion_loss(tmp_path):
 @pytest.mark.parametrize("which", ["embedding", "attention"])
 def test_each_regularizer_lowers_itself_when_trained_alone(which):
     pipe = tiny_sd_pipeline()
-    method = CoRe(pipe, "<c>", ONE_TOKEN_CATEGORY, num_vectors=1)
+    method = CoRe(clip(pipe), "<c>", ONE_TOKEN_CATEGORY, num_vectors=1)
     randomize_rows(method)
     latents, timesteps = unet_inputs()
     template = "a {} in the snow"
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=5e-2)
     values = []
     for _ in range(12):
-        losses = method.regularization_losses(pipe.unet, template, latents, timesteps)
+        losses = method.regularization_losses(pipe.unet, template, latents, timesteps, (32, 32))
         value = getattr(losses, which)
         values.append(value.item())
         optimizer.zero_grad()
@@ -193,14 +194,14 @@ def test_each_regularizer_lowers_itself_when_trained_alone(which):
 
 def test_norm_rescaling_holds_the_norm_inside_the_window(tmp_path):
     pipe = tiny_sd_pipeline()
-    method = CoRe(pipe, "<c>", "red", num_vectors=2, norm_window=(2, 4), lambda_attention=0.0)
+    method = CoRe(clip(pipe), "<c>", "red", num_vectors=2, norm_window=(2, 4), lambda_attention=0.0)
     norms: dict[int, torch.Tensor] = {}
 
     def record_norms(step, trained):
         norms[step] = trained.learned_vectors()[0].norm(dim=-1)
 
     config = run_config(tmp_path, max_train_steps=6, learning_rate=0.2, validation_steps=1, adam_weight_decay=0.0)
-    train(method, pipe.unet, pipe.vae, pipe.scheduler, squares(), config, validate=record_norms)
+    train_with_clip(pipe, method, squares(), config, validate=record_norms)
     assert sorted(norms) == [1, 2, 3, 4, 5, 6]
     for step in (3, 4):
         assert torch.allclose(norms[step], norms[2], rtol=1e-6), (step, norms)
@@ -212,10 +213,10 @@ def test_norm_rescaling_holds_the_norm_inside_the_window(tmp_path):
 def test_resume_inside_the_norm_window_gives_the_identical_curve(tmp_path):
     def run(output_dir, max_train_steps, resume):
         pipe = tiny_sd_pipeline()
-        method = CoRe(pipe, "<c>", "red", num_vectors=2, seed=5, norm_window=(1, 3), lambda_embedding=1.0)
+        method = CoRe(clip(pipe), "<c>", "red", num_vectors=2, seed=5, norm_window=(1, 3), lambda_embedding=1.0)
         config = run_config(output_dir, max_train_steps=max_train_steps, checkpointing_steps=2, learning_rate=0.1,
                             resume_from_checkpoint="latest" if resume else None)
-        return train(method, pipe.unet, pipe.vae, pipe.scheduler, squares(), config), method
+        return train_with_clip(pipe, method, squares(), config), method
 
     whole, whole_method = run(tmp_path / "whole", 4, resume=False)
     first, _ = run(tmp_path / "split", 2, resume=False)
@@ -227,29 +228,29 @@ def test_resume_inside_the_norm_window_gives_the_identical_curve(tmp_path):
 
 
 def test_regularization_templates_are_drawn_from_seed_and_step():
-    method = CoRe(tiny_sd_pipeline(), "<c>", "red", seed=3)
+    method = CoRe(clip(tiny_sd_pipeline()), "<c>", "red", seed=3)
     draws = [method.regularization_template(step) for step in range(20)]
     assert draws == [method.regularization_template(step) for step in range(20)]
     assert len(set(draws)) > 5 and set(draws) <= set(REGULARIZATION_TEMPLATES)
-    other_seed = CoRe(tiny_sd_pipeline(), "<c>", "red", seed=4)
+    other_seed = CoRe(clip(tiny_sd_pipeline()), "<c>", "red", seed=4)
     assert draws != [other_seed.regularization_template(step) for step in range(20)]
 
 
 def test_test_time_optimisation_lowers_the_loss_and_leaves_the_method_alone():
     pipe = tiny_sd_pipeline()
-    method = CoRe(pipe, "<c>", "red", num_vectors=2)
+    method = CoRe(clip(pipe), "<c>", "red", num_vectors=2)
     randomize_rows(method)
     before = method.learned_vectors()
-    tables = [encoder.get_input_embeddings() for encoder in method.conditioner.text_encoders]
-    states_before = method.conditioner.embed(["a <c> on the beach"]).prompt_embeds
+    tables = [encoder.get_input_embeddings() for encoder in clip(pipe).text_encoders]
+    states_before = clip(pipe).embed(["a <c> on the beach"]).prompt_embeds
 
     adjusted = core_test_time.test_time_optimize(method, pipe, "a <c> on the beach", steps=10, lr=5e-3)
     assert adjusted.final_loss < adjusted.initial_loss
     assert adjusted.embedding.token == "<c>" and adjusted.embedding.vectors[0].shape == (2, 32)
     assert not torch.equal(adjusted.embedding.vectors[0], before[0])
     assert torch.equal(method.learned_vectors()[0], before[0])
-    assert [encoder.get_input_embeddings() for encoder in method.conditioner.text_encoders] == tables
-    assert torch.equal(method.conditioner.embed(["a <c> on the beach"]).prompt_embeds, states_before)
+    assert [encoder.get_input_embeddings() for encoder in clip(pipe).text_encoders] == tables
+    assert torch.equal(clip(pipe).embed(["a <c> on the beach"]).prompt_embeds, states_before)
     assert all(p.grad is None for p in pipe.unet.parameters())
 
     again = core_test_time.test_time_optimize(method, pipe, "a <c> on the beach", steps=10, lr=5e-3, write_back=True)
@@ -273,16 +274,16 @@ def test_test_time_optimisation_of_a_loaded_embedding():
 def test_refusals_name_the_bad_value():
     pipe = tiny_sd_pipeline()
     with pytest.raises(ValueError, match=r"norm_window must be .* got \(5, 2\)"):
-        CoRe(pipe, "<a>", "red", norm_window=(5, 2))
+        CoRe(clip(pipe), "<a>", "red", norm_window=(5, 2))
     with pytest.raises(ValueError, match="lambda_attention must be a non-negative number, got -1.0"):
-        CoRe(pipe, "<a>", "red", lambda_attention=-1.0)
+        CoRe(clip(pipe), "<a>", "red", lambda_attention=-1.0)
     with pytest.raises(ValueError, match="'a photo' has no '{}' slot"):
-        CoRe(pipe, "<b>", "red", regularization_templates=["a photo"])
-    method = CoRe(pipe, "<c>", "red")
+        CoRe(clip(pipe), "<b>", "red", regularization_templates=["a photo"])
+    method = CoRe(clip(pipe), "<c>", "red")
     with pytest.raises(ValueError, match="does not contain the placeholder '<c>'"):
         core_test_time.test_time_optimize(method, pipe, "a photo of a dog")
     with pytest.raises(ValueError, match="needs 2 windows"):
-        method.regularization_losses(pipe.unet, "{} " + "x " * 80, *unet_inputs())
+        method.regularization_losses(pipe.unet, "{} " + "x " * 80, *unet_inputs(), (32, 32))
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         core_test_time.test_time_optimize(method, pipe, "a <c>", steps=0)
     assert core_test_time.prompt_as_template("a <c> <c>_1 and a <c>", "<c>") == "a {} and a {}"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from condkit.cli import main
-from condkit.pipelines.evaluate import first_token_index, late_objects_spec, load_captions
+from condkit.shapes_world.evaluate import first_token_index, late_objects_spec, load_captions
 from condkit.shapes_world.captions import ObjectRequirement, Spec
 from tiny_models import byte_tokenizer, tiny_sd_pipeline
 

@@ -4,7 +4,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from condkit.conditioning.clip import CLIPConditioner
-from condkit.pipelines.loading import EMBEDDED_MODEL
+from condkit.shapes_world import MODEL_DIR
 from condkit.shapes_world.prompt_sets import load_prompt_set
 from condkit.shapes_world.scorer import aggregate, score
 
@@ -16,16 +16,16 @@ COLOUR_FLOOR = 0.7
 
 
 def test_shipped_folder_is_small_and_complete():
-    size = sum(f.stat().st_size for f in EMBEDDED_MODEL.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 40 * 1024 * 1024, f"{size / 2**20:.1f} MB"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip"):
-        assert (EMBEDDED_MODEL / part).is_dir(), part
+        assert (MODEL_DIR / part).is_dir(), part
 
 
 @torch.no_grad()
 def test_short_prompts_score_above_the_floor():
     torch.set_num_threads(2)
-    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
     captions = load_prompt_set("short")[:10]
     cond = CLIPConditioner.from_pipeline(pipe).encode([c.text for c in captions])

@@ -5,11 +5,11 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from condkit.conditioning.long_clip import LongCLIPConditioner, position_count
+from condkit.shapes_world.dataset import long_caption_pairs
 from condkit.training.long_clip import (
     LongCLIPMethod,
     primary_components,
     save_long_clip_text_encoder,
-    shapes_world_pairs,
     train_long_clip,
 )
 from condkit.training.loop import TrainingConfig, train
@@ -131,8 +131,8 @@ def test_saved_text_encoder_plugs_into_the_conditioner(trained, tmp_path):
     torch.testing.assert_close(embeds, expected[:, :154])
 
 
-def test_shapes_world_pairs_have_a_long_and_a_short_caption():
-    pairs = shapes_world_pairs(2, resolution=32)
+def test_long_caption_pairs_have_a_long_and_a_short_caption():
+    pairs = long_caption_pairs(2, resolution=32)
     assert [sorted(pair) for pair in pairs] == [["image", "long_caption", "short_caption"]] * 2
     for pair in pairs:
         assert pair["image"].shape == (3, 32, 32) and -1 <= pair["image"].min() <= pair["image"].max() <= 1

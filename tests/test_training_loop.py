@@ -22,6 +22,7 @@ from tiny_models import tiny_sd_components, tiny_sdxl_pipeline
 from torch import nn
 from train_loop_ddp_script import CaptionOffset, colour_dataset, ddp_config
 
+from condkit.files import load_pickle_safely
 from condkit.training.checkpoint import TRAINABLE_FILE, list_checkpoints
 from condkit.training.loop import MethodOutput, NonFiniteLossError, TrainingConfig, TrainingMethod, train
 
@@ -96,9 +97,26 @@ def test_reference_run_trains_and_checkpoints(reference) -> None:
     final = load_file(result.last_checkpoint / TRAINABLE_FILE)
     assert torch.equal(final["offset"], offset)
     state = json.loads((result.last_checkpoint / "state.json").read_text())
-    assert state["step"] == STEPS and state["data_order"] == {"epoch": 1, "step_in_epoch": 2}
+    assert sorted(state) == ["fingerprint", "step"] and state["step"] == STEPS
     assert state["fingerprint"]["method"] == "CaptionOffset"
     assert state["fingerprint"]["trainable"] == {"offset": [77, 32]}
+
+
+def test_a_checkpoint_is_what_accelerate_saves_plus_the_trainable_weights_and_state_json(reference) -> None:
+    checkpoint = reference[0].last_checkpoint
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        "custom_checkpoint_0.pkl",  # learning-rate schedule
+        "custom_checkpoint_1.pkl",  # data order
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "state.json",
+        "trainable.safetensors",  # instead of accelerate's model.safetensors: no frozen text encoder
+    ]
+    assert list(load_file(checkpoint / TRAINABLE_FILE)) == ["offset"]
+    schedule = load_pickle_safely(checkpoint / "custom_checkpoint_0.pkl")
+    assert schedule["last_epoch"] == STEPS
+    assert load_pickle_safely(checkpoint / "custom_checkpoint_1.pkl") == {"epoch": 1, "step_in_epoch": 2}
+    assert not any(path.name.startswith(".") for path in checkpoint.parent.iterdir())  # no staging folder left
 
 
 def test_each_image_is_encoded_once_and_reused_every_epoch(parts, tmp_path, monkeypatch) -> None:
@@ -128,7 +146,7 @@ class Recorder(TrainingMethod):
         self.scale = nn.Parameter(torch.tensor(0.5))
         self.calls: list[dict] = []
 
-    def forward(self, unet, batch, noisy_latents, timesteps):
+    def forward(self, unet, conditioner, batch, noisy_latents, timesteps):
         prediction = self.scale * noisy_latents
         recorded = dict(noisy=noisy_latents, timesteps=timesteps, prediction=prediction)
         self.calls.append({"batch": batch, **{name: value.detach().clone() for name, value in recorded.items()}})
@@ -187,7 +205,7 @@ class SDXLContext(TrainingMethod):
         self.context = nn.Parameter(torch.zeros(77, context_width))
         self.pooled = nn.Parameter(torch.zeros(pooled_width))
 
-    def forward(self, unet, batch, noisy_latents, timesteps):
+    def forward(self, unet, conditioner, batch, noisy_latents, timesteps):
         count = noisy_latents.shape[0]
         size = 8 * noisy_latents.shape[-1]
         time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=noisy_latents.dtype).repeat(count, 1)
@@ -239,9 +257,9 @@ class ExplodesAtCall(CaptionOffset):
         self.explode_at = explode_at
         self.call_count = 0
 
-    def forward(self, unet, batch, noisy_latents, timesteps):
+    def forward(self, unet, conditioner, batch, noisy_latents, timesteps):
         self.call_count += 1
-        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+        prediction = super().forward(unet, conditioner, batch, noisy_latents, timesteps)
         return prediction * float("nan") if self.call_count == self.explode_at else prediction
 
     @property
@@ -264,8 +282,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(parts, tmp_pa
 class NanGradient(CaptionOffset):
     """A finite loss whose gradient is NaN: sqrt'(0) * abs'(0) = inf * 0."""
 
-    def forward(self, unet, batch, noisy_latents, timesteps):
-        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+    def forward(self, unet, conditioner, batch, noisy_latents, timesteps):
+        prediction = super().forward(unet, conditioner, batch, noisy_latents, timesteps)
         return MethodOutput(prediction, extra_loss=torch.sqrt((self.offset - self.offset.detach()).abs().sum()))
 
 
@@ -358,6 +376,145 @@ def test_old_checkpoints_are_pruned_to_the_limit(parts, tmp_path) -> None:
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
+class PoisonsWeightAt(CaptionOffset):
+    """Writes a NaN into its trained offset after optimizer step `poison_at` (loss and gradients stay finite)."""
+
+    def __init__(self, *args, poison_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.poison_at = poison_at
+
+    def after_optimizer_step(self, step: int) -> None:
+        if step == self.poison_at:
+            with torch.no_grad():
+                self.offset[0, 0] = float("nan")
+
+    @property
+    def method_name(self) -> str:
+        return "CaptionOffset"
+
+
+def poisoned_method(parts: dict, poison_at: int) -> PoisonsWeightAt:
+    torch.manual_seed(0)
+    return PoisonsWeightAt(parts["tokenizer"], parts["text_encoder"], caption_dropout=0.5, poison_at=poison_at)
+
+
+def test_a_non_finite_weight_stops_the_run_and_resume_continues_from_the_last_finite_checkpoint(
+    parts, tmp_path, reference
+) -> None:
+    full, full_offset = reference
+    message = r"tensor 'offset' is not finite after step 5; training stopped, the last good checkpoint is .*step-000003$"
+    with pytest.raises(NonFiniteLossError, match=message):
+        run(parts, poisoned_method(parts, poison_at=5), reference_config(tmp_path))
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
+    assert torch.isfinite(load_file(tmp_path / "checkpoints" / "step-000003" / TRAINABLE_FILE)["offset"]).all()
+
+    method = offset_method(parts)
+    resumed = run(parts, method, reference_config(tmp_path, resume_from_checkpoint="latest"))
+    assert resumed.first_step == CHECKPOINT_EVERY
+    assert resumed.losses == full.losses[CHECKPOINT_EVERY:]
+    assert torch.equal(method.offset.detach(), full_offset)
+
+
+def test_a_weight_that_turns_non_finite_on_a_checkpoint_step_is_never_written(parts, tmp_path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"not finite after step 3; .*none \(no checkpoint was written yet\)$"):
+        run(parts, poisoned_method(parts, poison_at=3), reference_config(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoints_refuse_non_finite_weights_even_unchecked_by_the_step(parts, tmp_path, monkeypatch) -> None:
+    from condkit.training import loop
+
+    monkeypatch.setattr(loop._TrainingRun, "_check_weights_finite", lambda self, done: None)
+    message = r"'offset' is not finite at step 3; no checkpoint was written, the last good checkpoint is none \(no"
+    with pytest.raises(NonFiniteLossError, match=message):
+        run(parts, poisoned_method(parts, poison_at=3), reference_config(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()  # no checkpoint, no staging folder
+
+
+def test_an_infinite_learning_rate_stops_at_the_first_step(parts, tmp_path) -> None:
+    config = reference_config(tmp_path, learning_rate=math.inf, lr_warmup_steps=0, lr_scheduler="constant")
+    with pytest.raises(NonFiniteLossError, match=r"'offset' is not finite after step 1; .*none"):
+        run(parts, offset_method(parts), config)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def copy_of_reference(reference, tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "run"
+    shutil.copytree(reference[0].output_dir, folder)
+    return folder, folder / "checkpoints" / "step-000006"
+
+
+class NotPlainData:
+    pass
+
+
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        ("rng", FileNotFoundError, r"step-000006 has no generator state for process 0 \(random_states_0.pkl\)$"),
+        ("code", ValueError, r"refusing to load .*custom_checkpoint_1.pkl: it needs arbitrary unpickling"),
+        ("old format", ValueError, r"step-000006: it was written by a condkit older than its accelerate save_state"),
+    ],
+)
+def test_damaged_or_unsafe_checkpoints_are_refused_before_anything_loads(
+    parts, tmp_path, reference, damage, error, message
+) -> None:
+    folder, checkpoint = copy_of_reference(reference, tmp_path)
+    if damage == "rng":
+        (checkpoint / "random_states_0.pkl").unlink()  # accelerate's load_state would carry on without it
+    elif damage == "code":
+        # accelerate itself would unpickle it with weights_only=False, running whatever it names
+        torch.save({"epoch": NotPlainData()}, checkpoint / "custom_checkpoint_1.pkl")
+    else:
+        os.replace(checkpoint / "optimizer.bin", checkpoint / "optimizer.pt")
+    before = folder_snapshot(folder)
+    with pytest.raises(error, match=message):
+        run(parts, offset_method(parts), reference_config(folder, resume_from_checkpoint="latest"))
+    assert folder_snapshot(folder) == before
+
+
+def test_one_accelerator_serves_consecutive_runs(parts, tmp_path) -> None:
+    from condkit.training.loop import make_accelerator
+
+    accelerator = make_accelerator("no")
+    for name in ("first", "second"):
+        config = reference_config(tmp_path / name, max_train_steps=1, checkpointing_steps=1)
+        run(parts, offset_method(parts), config, accelerator=accelerator)
+    second = tmp_path / "second" / "checkpoints" / "step-000001"
+    assert sorted(path.name for path in second.iterdir() if path.suffix in (".bin", ".pkl")) == [
+        "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin", "random_states_0.pkl",
+    ]  # fmt: skip
+    accelerator.prepare(nn.Linear(1, 1))
+    with pytest.raises(ValueError, match=r"already holds prepared or registered objects"):
+        run(parts, offset_method(parts), reference_config(tmp_path / "third"), accelerator=accelerator)
+
+
+def test_textual_inversion_checkpoints_hold_the_new_rows_not_the_token_table(tmp_path) -> None:
+    from tiny_models import tiny_sd_pipeline
+    from training_helpers import clip, train_with_clip
+
+    from condkit.training.textual_inversion import TextualInversion
+
+    def textual_inversion_run(output_dir: Path, validate=None, **changes):
+        pipe = tiny_sd_pipeline()  # a fresh one: the method adds its token to the pipeline's tokenizer
+        method = TextualInversion(clip(pipe), "<c>", "red", num_vectors=2)
+        config = reference_config(output_dir, max_train_steps=4, checkpointing_steps=2, learning_rate=5e-2, **changes)
+        return train_with_clip(pipe, method, colour_dataset(), config, validate=validate), method
+
+    full, full_method = textual_inversion_run(tmp_path / "full")
+    checkpoint = full.last_checkpoint
+    assert "model.safetensors" not in {path.name for path in checkpoint.iterdir()}
+    trainable = load_file(checkpoint / TRAINABLE_FILE)
+    assert {name: list(tensor.shape) for name, tensor in trainable.items()} == {"embeddings.0.new_rows": [2, 32]}
+    assert (checkpoint / TRAINABLE_FILE).stat().st_size < 4096  # the base table alone is 514 x 32 floats (64 KiB)
+
+    with pytest.raises(Interrupt):
+        textual_inversion_run(tmp_path / "cut", validate=interrupt_at(2), validation_steps=2)
+    resumed, method = textual_inversion_run(tmp_path / "cut", resume_from_checkpoint="latest")
+    assert resumed.losses == full.losses[2:]
+    assert torch.equal(method.learned_vectors()[0], full_method.learned_vectors()[0])
+
+
 def test_progress_bar_shows_the_loss_unless_silenced(parts, tmp_path, capsys) -> None:
     run(parts, offset_method(parts), reference_config(tmp_path / "loud", max_train_steps=1, show_progress=True))
     assert "loss=" in capsys.readouterr().err
@@ -430,7 +587,7 @@ def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(p
     assert torch.equal(weights[0], weights[1])  # ... yet identical weights: gradients were averaged
     assert weights[0].abs().max() > 1e-3
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
-    assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
 
     single = offset_method(parts, caption_dropout=0.0)
     result = run(parts, single, ddp_config(tmp_path / "single", train_batch_size=2))

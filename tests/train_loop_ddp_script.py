@@ -59,8 +59,8 @@ class CaptionOffset(TrainingMethod):
     def settings(self) -> dict:
         return {"caption_dropout": self.caption_dropout}
 
-    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+    def forward(self, unet: nn.Module, conditioner, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
+        prediction = super().forward(unet, conditioner, batch, noisy_latents, timesteps)
         self.prediction_dtypes.add(str(prediction.dtype))
         return prediction
 

@@ -109,6 +109,22 @@ class Conditioner(nn.Module):
         """Map `encode()` features to a denoiser's encoder_hidden_states (and, optionally, pooled vector) at `timestep`."""
         raise NotImplementedError(f"{type(self).__name__} is not timestep-aware")
 
+    def denoiser_inputs(
+        self, prompt: str | list[str], timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encoder_hidden_states, pooled or None) a denoiser gets for `prompt` at `timesteps`, with gradients:
+        `embed`, then `at_timestep` for a timestep-aware conditioner, as attach's hooks do. Training uses it.
+
+        `embed` runs outside any autocast, in the encoders' own dtype, as at inference; `at_timestep`
+        (a trained connector or projection) runs under the caller's mixed precision."""
+        with torch.autocast(self.device.type, enabled=False):
+            conditioning = self.embed(prompt)
+        hidden, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
+        if self.timestep_aware:
+            mapped = self.at_timestep(hidden, timesteps)
+            hidden, pooled = mapped if isinstance(mapped, tuple) else (mapped, pooled)
+        return hidden, pooled
+
     @classmethod
     def from_pipeline(cls, pipe: Any, **options: Any) -> Conditioner:
         raise NotImplementedError(f"{cls.__name__} cannot be built from a pipeline")

@@ -6,6 +6,10 @@ to `window` with the tokenizer's pad token, exactly the layout a CLIP tokenizer 
 short prompt with padding="max_length". BREAK closes the current chunk. When a chunk fills up, the
 tokens after its last comma (if that comma is close to the end) move to the next chunk, so a
 phrase is not cut in half.
+
+Prompts are parsed strictly (`parse_prompt(prompt, strict=True)`): a prompt with a surrogate or
+control character, a weight out of range or brackets nested too deep is refused with a one-line
+ValueError before anything is tokenized (the policy is in `prompt_syntax`'s module docstring).
 """
 
 from __future__ import annotations
@@ -31,13 +35,12 @@ class TokenChunks:
     def n_chunks(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def weighted(self) -> bool:
-        return bool((self.weights != 1.0).any())
-
 
 def chunk_prompt(tokenizer, prompt: str, window: int | None = None) -> TokenChunks:
-    """Tokenize an A1111-syntax prompt into BOS…EOS-wrapped chunks of `window` tokens."""
+    """Tokenize an A1111-syntax prompt into BOS…EOS-wrapped chunks of `window` tokens.
+
+    Raises ValueError (one line) for a prompt that strict parsing refuses (see `prompt_syntax`).
+    """
     window = window or tokenizer.model_max_length
     capacity = window - 2
     comma_id = tokenizer.convert_tokens_to_ids(",</w>")
@@ -52,7 +55,7 @@ def chunk_prompt(tokenizer, prompt: str, window: int | None = None) -> TokenChun
         chunks.append((tokens, weights))
         tokens, weights, last_comma = [], [], -1
 
-    for run in parse_prompt(prompt):
+    for run in parse_prompt(prompt, strict=True):
         if run.is_break:
             close_chunk()
             continue

@@ -29,6 +29,7 @@ from condkit.conditioning.base import Conditioner, Conditioning, as_negative_lis
 from condkit.conditioning.registry import register_conditioner
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
 from condkit.conditioning.embeddings import expand_prompt
+from condkit.conditioning.prompt_syntax import check_prompt_characters
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -36,13 +37,37 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
     Each chunk is multiplied by its weights and rescaled to its original mean; chunks whose
     weights are all 1 are returned untouched (bit for bit).
+
+    The rescale factor, original mean / weighted mean, is a ratio of two means that can each be
+    zero up to rounding: hidden states straight out of a LayerNorm without bias average to about
+    1e-9 per chunk, so the factor is noise over noise, and a weighted mean that rounds to exactly 0
+    makes it inf (then NaN where a weight is 0), or an original mean of exactly 0 makes it 0 and
+    wipes the chunk out. So a chunk is rescaled only when both means are finite and stand out
+    of rounding noise (more than a few ulps of the chunk's mean absolute value) and the factor is
+    finite; otherwise it keeps its weighted states unrescaled, as there is no mean to restore.
+    Where A1111's factor is well defined the result is A1111's, computed as it does in float32 or
+    wider (its multipliers are float32, which promotes float16 states), and cast back, saturated to
+    the dtype's finite range. Finite states and finite weights thus always give finite output.
     """
     weighted_chunks = (weights != 1.0).any(dim=-1)
     if not weighted_chunks.any():
         return hidden
-    original_mean = hidden.mean(dim=(-2, -1), keepdim=True)
-    scaled = hidden * weights.unsqueeze(-1).to(hidden.dtype)
-    scaled = scaled * (original_mean / scaled.mean(dim=(-2, -1), keepdim=True))
+    chunk_dims, noise_ulps = (-2, -1), 8
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    states = hidden.to(compute)
+    original_mean = states.mean(dim=chunk_dims, keepdim=True)
+    scaled = states * weights.unsqueeze(-1).to(compute)
+    new_mean = scaled.mean(dim=chunk_dims, keepdim=True)
+    factor = original_mean / new_mean
+    noise = noise_ulps * torch.finfo(compute).eps
+    rescalable = (
+        (original_mean.abs() > noise * states.abs().mean(dim=chunk_dims, keepdim=True))
+        & (new_mean.abs() > noise * scaled.abs().mean(dim=chunk_dims, keepdim=True))
+        & torch.isfinite(factor)
+    )  # comparisons with NaN or inf means are False, so those chunks are not rescaled either
+    scaled = scaled * torch.where(rescalable, factor, torch.ones_like(factor))
+    largest = torch.finfo(hidden.dtype).max
+    scaled = scaled.clamp(-largest, largest).to(hidden.dtype)
     return torch.where(weighted_chunks[..., None, None], scaled, hidden)
 
 
@@ -153,6 +178,8 @@ class CLIPConditioner(Conditioner):
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
         """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""
+        for text in texts:
+            check_prompt_characters(text)  # before a tokenizer sees them: expand_prompt tokenizes the raw text
         return [
             [self._limit(chunk_prompt(tok, expand_prompt(text, tok), self.window), text) for text in texts]
             for tok in self.tokenizers

@@ -22,6 +22,10 @@ To keep tokens only CLIP knows (trigger words, textual-inversion embeddings), jo
 embeddings after the connector's latents: `ConcatConditioner(adapter, CLIPConditioner.from_pipeline(pipe))`
 (see `concat`).
 
+The language model is frozen, so the features of a text are computed once and kept (on the CPU, the
+`feature_cache_size` most recent texts): a training run encodes each caption once, a generation run
+its negative prompt once. Call `clear_feature_cache()` after changing the language model's weights.
+
 An omitted negative prompt is the empty string, encoded like any prompt. ELLA's T5 was run in fp16
 (its images change in fp32 or bf16); load the language model in the dtype the connector was
 trained with.
@@ -30,6 +34,7 @@ trained with.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +146,7 @@ class LLMAdapterConditioner(Conditioner):
         flexible_length: encode prompts unpadded (see the module docstring); default fixed.
         max_length: fixed mode pads to it; both modes truncate at it.
         cross_attention_dim: the UNet's, checked against the connector width when given.
+        feature_cache_size: how many texts' language-model features to keep (0: none).
     """
 
     timestep_aware = True
@@ -154,6 +160,7 @@ class LLMAdapterConditioner(Conditioner):
         flexible_length: bool = False,
         max_length: int = 128,
         cross_attention_dim: int | None = None,
+        feature_cache_size: int = 4096,
     ) -> None:
         super().__init__()
         hidden_size = language_model_width(language_model)
@@ -178,6 +185,8 @@ class LLMAdapterConditioner(Conditioner):
         self.connector = connector
         self.flexible_length = flexible_length
         self.max_length = max_length
+        self.feature_cache_size = feature_cache_size
+        self.feature_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -237,6 +246,11 @@ class LLMAdapterConditioner(Conditioner):
         return {"connector": "new", "num_latents": 16, "num_blocks": 1}
 
     def save_parts(self, folder: Path) -> None:
+        if not self.config["language_model"]:
+            raise ValueError(
+                "the language model has no hub id or folder to record; save it (save_pretrained) and build the adapter "
+                "from that folder, so the saved conditioner can find it"
+            )
         self.connector.save_pretrained(folder / "connector")
 
     @classmethod
@@ -252,7 +266,7 @@ class LLMAdapterConditioner(Conditioner):
         prompts = as_prompt_list(prompt)
         negatives = as_negative_list(negative_prompt, len(prompts)) or [""] * len(prompts)
         distinct = list(dict.fromkeys(prompts + negatives))
-        features = dict(zip(distinct, self._encode_texts(distinct)))
+        features = self._features(distinct)
         length = max(features[text].shape[0] for text in distinct)
 
         def batch(texts: list[str]) -> torch.Tensor:
@@ -271,6 +285,23 @@ class LLMAdapterConditioner(Conditioner):
             negative_pooled_prompt_embeds=None if pooled is None else torch.zeros_like(pooled),
             needs_attach=True,
         )
+
+    def _features(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Each text's features on the language model's device, from the cache where it has them."""
+        missing = [text for text in texts if text not in self.feature_cache]
+        encoded = dict(zip(missing, self._encode_texts(missing))) if missing else {}
+        device = self.language_model.device
+        features = {text: encoded[text] if text in encoded else self.feature_cache[text].to(device) for text in texts}
+        if self.feature_cache_size > 0:
+            for text in texts:
+                self.feature_cache[text] = encoded[text].cpu() if text in encoded else self.feature_cache[text]
+                self.feature_cache.move_to_end(text)
+            while len(self.feature_cache) > self.feature_cache_size:
+                self.feature_cache.popitem(last=False)
+        return features
+
+    def clear_feature_cache(self) -> None:
+        self.feature_cache.clear()
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str]) -> list[torch.Tensor]:

@@ -30,13 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from condkit.conditioning import CLIP_POSITIONS
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.registry import register_conditioner
 
 PadToken = Literal["eos", "zero"]
 LONG_CLIP_KEEP = 20
 LONG_CLIP_RATIO = 4
-CLIP_POSITIONS = 77  # stock CLIP's position table; SD's UNet was trained to attend over this many
 
 
 def stretched_length(length: int, keep: int = LONG_CLIP_KEEP, ratio: int = LONG_CLIP_RATIO) -> int:

@@ -41,7 +41,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from condkit.conditioning.long_clip import CLIP_POSITIONS, LONG_CLIP_KEEP, stretch_tokenizer
+from condkit.conditioning import CLIP_POSITIONS
+from condkit.conditioning.long_clip import LONG_CLIP_KEEP, stretch_tokenizer
+
 HEAD_WIDTH = 64
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 

@@ -210,6 +210,7 @@ class ProjectedConditioner(Conditioner):
     @staticmethod
     def unmark(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Marked features -> (embeddings, (B,) bool: row is positive)."""
+        features = plain(features)
         marks = features[:, -1, 0]
         if not ((marks == POSITIVE_MARK) | (marks == NEGATIVE_MARK)).all():
             raise ValueError(
@@ -227,11 +228,12 @@ class ProjectedConditioner(Conditioner):
 
     def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         embeds, positive = self.unmark(plain(features))
-        selected = positive & self.projects_at(timestep, embeds.shape[0]).to(positive.device)
-        if not selected.any():
-            return embeds
-        projection_input = embeds[selected].to(device=self.projection.device, dtype=self.projection.dtype)
-        projected = self.projection(projection_input).to(embeds.dtype)
+        return self.project_rows(embeds, positive & self.projects_at(timestep, embeds.shape[0]).to(positive.device))
+
+    def project_rows(self, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`embeds` with the (B,) bool `rows` projected. The projection runs even on no rows, so that a
+        training step's graph always holds its parameters (several processes need that)."""
+        projection_input = embeds[rows].to(device=self.projection.device, dtype=self.projection.dtype)
         output = embeds.clone()
-        output[selected] = projected
+        output[rows] = self.projection(projection_input).to(embeds.dtype)
         return output

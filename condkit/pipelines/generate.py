@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,7 +55,6 @@ class GeneratedImage:
     prompt: str
     negative_prompt: str | None
     seed: int
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def expand_requests(requests: Iterable[PromptRequest], settings: GenerationSettings) -> list[PromptRequest]:
@@ -151,7 +150,6 @@ def save_results(
     for index, result in enumerate(results):
         stem = folder / f"{index:05d}_{result.seed}"
         metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed}
-        result.metadata = metadata
         _atomic_write(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
         _atomic_write(stem.with_suffix(".json"), lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
         paths.append(stem.with_suffix(".png"))

@@ -1,4 +1,7 @@
-"""Load a StableDiffusion(XL) pipeline: the embedded shapes-world model, a local folder or a hub id."""
+"""Load a StableDiffusion(XL) pipeline from a local folder or a hub id.
+
+`condkit.load_pipeline()` with no model (the embedded shapes world) is resolved in condkit/embedded.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any
 
 import torch
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "shapes_world" / "model"
+from condkit.pipelines.library_noise import drop_irrelevant_library_messages
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -48,12 +52,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_pipeline(
-    model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False
+    model: str | os.PathLike, device: str | None = None, dtype: str | None = None, progress: bool = False
 ) -> Any:
-    """A diffusers pipeline ready to run: `model` None means the embedded shapes-world pipeline.
+    """A diffusers pipeline ready to run, from a pipeline folder or a hub id.
 
     progress=False silences the loading bars of diffusers and transformers (for the whole process).
     """
+    if model is None:
+        raise ValueError("no model given; expected a pipeline folder or hub id (condkit.load_pipeline() loads the embedded one)")
+    drop_irrelevant_library_messages()
     from diffusers import DiffusionPipeline
 
     if not progress:
@@ -65,9 +72,7 @@ def load_pipeline(
 
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    source = Path(model) if model is not None else EMBEDDED_MODEL
-    if model is None and not (source / "model_index.json").is_file():
-        raise FileNotFoundError(f"the embedded model is missing at {source}; train it with `condkit world train`")
+    source = Path(model)
     if _looks_like_path(str(source)):
         if not source.is_dir():
             raise FileNotFoundError(f"model folder {str(source)!r} does not exist")

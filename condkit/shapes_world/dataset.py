@@ -1,11 +1,22 @@
-"""A deterministic, infinite-style torch dataset of (render, caption, spec) triples, and the world's word list."""
+"""The shapes world's datasets: (render, caption, spec) triples, the training sets the library's
+methods are run on here, and the world's word list.
+
+- `ShapesDataset`: a deterministic torch dataset; item i depends only on (seed, i).
+- `adapter_dataset(size, seed)`: what `condkit train adapter` trains on, as a function of the
+  pipeline's resolution (`run_adapter_training(..., dataset=adapter_dataset(2000))`).
+- `long_caption_pairs(count, seed)`: scenes with a long and a short caption, for Long-CLIP
+  fine-tuning (`train_long_clip(method, long_caption_pairs(4096), config)`).
+"""
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 import torch.utils.data
 
 from . import captions
@@ -74,6 +85,39 @@ class ShapesDataset(torch.utils.data.Dataset):
             "style": style,
         }
 
+
+ADAPTER_STYLES: tuple[str, ...] = ("short", "compositional")
+ADAPTER_STYLE_WEIGHTS: tuple[float, ...] = (0.3, 0.7)
+
+
+def adapter_dataset(size: int, seed: int = 0) -> Callable[[int], ShapesDataset]:
+    """The adapters' training data as a function of the training resolution in pixels.
+
+    ShapesDataset captions without held-out combinations, weighted towards two-object
+    ("compositional") captions, the category the adapters are meant to improve. Rendered at the
+    pipeline's own resolution, which `run_adapter_training` knows once it has loaded the pipeline.
+    """
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"dataset_size must be a positive integer, got {size!r}")
+    return functools.partial(ShapesDataset, size, seed, styles=ADAPTER_STYLES, style_weights=ADAPTER_STYLE_WEIGHTS,
+                             allow_held_out=False)
+
+
+def long_caption_pairs(count: int, seed: int = 0, resolution: int = 64) -> list[dict[str, Any]]:
+    """Shapes-world scenes, each with a long caption and a short compositional one, images in [-1, 1]."""
+    pairs = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        scene = sample_scene(rng, objects_for_style("long", rng))
+        pixels = np.asarray(render(scene, resolution).convert("RGB"), dtype=np.float32)
+        pairs.append(
+            {
+                "image": torch.from_numpy(pixels).permute(2, 0, 1).div(127.5).sub(1.0),
+                "long_caption": describe(scene, "long", rng).text,
+                "short_caption": describe(scene, "compositional", rng).text,
+            }
+        )
+    return pairs
 
 def world_words() -> list[str]:
     """Every word and punctuation token any caption can contain, sorted, lowercase."""

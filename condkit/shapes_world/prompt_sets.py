@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from condkit.conditioning import CLIP_POSITIONS
+
 from .captions import Caption, ObjectRequirement, Spec, approx_token_index, describe, scene_for_spec
 from .scenes import HELD_OUT, sample_scene
 from .vocabulary import COLOURS, SHAPES
@@ -24,7 +26,6 @@ PROMPT_SETS: tuple[str, ...] = ("short", "compositional", "long")
 PROMPT_SET_DIR = Path(__file__).parent / "prompt_sets"
 SHIPPED_SIZE = 40
 SHIPPED_SEED = 0
-CLIP_WINDOW = 77
 
 
 def _check_name(name: str) -> None:
@@ -37,7 +38,7 @@ def first_token_of_last_object(caption: Caption) -> int:
     return max(approx_token_index(caption.text, obj.first_char) for obj in caption.spec.objects)
 
 
-def describes_object_past_window(caption: Caption, window: int = CLIP_WINDOW) -> bool:
+def describes_object_past_window(caption: Caption, window: int = CLIP_POSITIONS) -> bool:
     """Whether some object is first described at or after token ``window`` (approximate count)."""
     return first_token_of_last_object(caption) >= window
 

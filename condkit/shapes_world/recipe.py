@@ -29,6 +29,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel
 
+from . import MODEL_DIR
 from .assemble import build_pipeline, folder_size_mb, save_pipeline, text_encoder_from_clip
 from .dataset import world_words
 from .stage_runner import atomic_write_json
@@ -40,7 +41,6 @@ from .train_vae import VaeScale, train_vae
 from .world_data import render_pool
 
 STAGES: tuple[str, ...] = ("tokenizer", "clip", "vae", "unet", "decoder", "assemble")
-SHIPPED_MODEL_DIR = Path(__file__).parent / "model"
 RESOLUTION = 64
 
 
@@ -121,7 +121,7 @@ def train_world(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
-        model_dir = SHIPPED_MODEL_DIR if scale == "full" else out_dir / "model"
+        model_dir = MODEL_DIR if scale == "full" else out_dir / "model"
     model_dir = Path(model_dir)
     torch.set_num_threads(2)
 

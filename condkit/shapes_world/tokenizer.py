@@ -15,10 +15,12 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from condkit.conditioning import CLIP_POSITIONS
+
 END_OF_WORD = "</w>"
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-MODEL_MAX_LENGTH = 77
+MODEL_MAX_LENGTH = CLIP_POSITIONS  # the world's CLIP has stock CLIP's window
 
 # The pre-tokenizer pattern of CLIP (without the special-token alternatives); a world
 # "word" containing several of these pieces gets one token per piece.

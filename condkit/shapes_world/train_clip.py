@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
+from condkit.conditioning import CLIP_POSITIONS
+
 from .hard_negatives import PERTURBATIONS, hard_negative
 from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
 from .world_data import Pool
@@ -38,7 +40,7 @@ def clip_config(tokenizer: CLIPTokenizer, scale: ClipScale, resolution: int) -> 
         intermediate_size=4 * scale.width,
         num_hidden_layers=scale.layers,
         num_attention_heads=scale.heads,
-        max_position_embeddings=77,
+        max_position_embeddings=CLIP_POSITIONS,
         projection_dim=scale.width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -62,7 +64,7 @@ def _normalise_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    tokens = tokenizer(captions, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    tokens = tokenizer(captions, padding="longest", truncation=True, max_length=CLIP_POSITIONS, return_tensors="pt")
     pooled = model.text_model(input_ids=tokens.input_ids).pooler_output
     return F.normalize(model.text_projection(pooled), dim=-1)
 

@@ -1,6 +1,6 @@
 """Stage "unet": a UNet2DConditionModel on 16x16x4 latents, conditioned SD1.x style.
 
-The frozen text encoder's last_hidden_state (77 tokens) is the cross-attention context; 10% of
+The frozen text encoder's last_hidden_state (CLIP_POSITIONS tokens) is the cross-attention context; 10% of
 captions are replaced by the empty caption so classifier-free guidance works. Epsilon
 prediction on DDPM scaled_linear betas as in Stable Diffusion, Min-SNR-5 loss weighting, AdamW
 and an EMA copy of the weights, which is what gets shipped. VAE latents of the pool are
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from condkit.conditioning import CLIP_POSITIONS
 
 from .stage_runner import (
     StageRunner,
@@ -118,9 +120,9 @@ def train_unet(
     latents = cache_latents(vae, pool, stage_dir / "latents.pt", progress)
     scaling_factor = vae.config.scaling_factor
     caption_ids = tokenizer(
-        pool.captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        pool.captions, padding="max_length", truncation=True, max_length=CLIP_POSITIONS, return_tensors="pt"
     ).input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    empty_ids = tokenizer([""], padding="max_length", max_length=CLIP_POSITIONS, return_tensors="pt").input_ids[0]
 
     torch.manual_seed(seed)
     unet = build_unet(scale, text_encoder.config.hidden_size, latents.shape[-1])

@@ -58,10 +58,3 @@ RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "bel
 
 # Half-width of a cross's arms as a fraction of the object radius.
 CROSS_ARM_HALF_WIDTH = 0.4
-
-
-def size_in_pixels(size: str, resolution: int) -> float:
-    """Object radius in pixels for a size name at a given canvas resolution."""
-    if size not in SIZES:
-        raise ValueError(f"Unknown size {size!r}; expected one of {sorted(SIZES)}.")
-    return SIZES[size] * resolution / REFERENCE_RESOLUTION

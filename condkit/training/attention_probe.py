@@ -27,8 +27,7 @@ CROSS_ATTENTION_SUFFIX = "attn2.processor"
 class CrossAttentionProbe:
     """Collects per-token attention, one (batch, tokens) tensor per cross-attention call, in call order."""
 
-    def __init__(self, layer_names: list[str]) -> None:
-        self.layer_names = layer_names
+    def __init__(self) -> None:
         self.records: list[tuple[str, torch.Tensor]] = []
 
     def record(self, layer_name: str, per_token: torch.Tensor) -> None:
@@ -104,7 +103,7 @@ def probe_cross_attention(unet: nn.Module) -> Iterator[CrossAttentionProbe]:
     layers = cross_attention_layers(unet)
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers ({CROSS_ATTENTION_SUFFIX}) to probe")
-    probe = CrossAttentionProbe(layers)
+    probe = CrossAttentionProbe()
     recording = {name: RecordingCrossAttentionProcessor(probe, name) if name in layers else processor
                  for name, processor in originals.items()}
     unet.set_attn_processor(recording)

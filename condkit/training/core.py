@@ -1,9 +1,10 @@
 """CoRe: textual inversion with context regularization (Wu et al. 2024, arXiv 2408.15914).
 
-    method = CoRe(pipe, "<toy>", "teddy", num_vectors=1)
+    conditioner = CLIPConditioner.from_pipeline(pipe)
+    method = CoRe(conditioner, "<toy>", "teddy", num_vectors=1)
     config = TrainingConfig(output_dir="runs/core", max_train_steps=300, train_batch_size=6,
                             learning_rate=5e-3)
-    train(method, pipe.unet, pipe.vae, pipe.scheduler, ImageFolder("toy/"), config)
+    train(method, pipe.unet, pipe.vae, pipe.scheduler, ImageFolder("toy/"), config, conditioner=conditioner)
     method.save_embedding("runs/core/learned_embeds.safetensors")
 
 Each step adds to textual inversion's denoising loss the two regularizers of `core_regularizers`
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from condkit.conditioning.clip import CLIPConditioner
 from condkit.training.core_regularizers import SLOT, ContextRegularizer, RegularizationLosses
 from condkit.training.core_templates import REGULARIZATION_TEMPLATES
 from condkit.training.core_test_time import CoReAdjustment, test_time_optimize
@@ -53,7 +55,7 @@ class CoRe(TextualInversion):
 
     def __init__(
         self,
-        pipe: Any,
+        conditioner: CLIPConditioner,
         placeholder: str,
         initializer: str,
         num_vectors: int = 1,
@@ -78,11 +80,11 @@ class CoRe(TextualInversion):
         missing_slot = [template for template in regularization_templates if SLOT not in template]
         if missing_slot:
             raise ValueError(f"regularization template {missing_slot[0]!r} has no {SLOT!r} slot for the concept")
-        super().__init__(pipe, placeholder, initializer, num_vectors, templates, seed)
+        super().__init__(conditioner, placeholder, initializer, num_vectors, templates, seed)
         self.lambda_embedding, self.lambda_attention = lambda_embedding, lambda_attention
         self.norm_window = norm_window
         self.regularization_templates = tuple(regularization_templates)
-        self.regularizer = ContextRegularizer(self.conditioner, placeholder, initializer, self.vae_scale_factor)
+        self.regularizer = ContextRegularizer(conditioner, placeholder, initializer)
         rows = self.embeddings[0].new_rows
         self.register_buffer(REFERENCE_NORMS, torch.zeros(len(self.embeddings), num_vectors, device=rows.device))
         if norm_window is not None and norm_window[0] == 0:
@@ -103,16 +105,18 @@ class CoRe(TextualInversion):
         return self.regularization_templates[rng.integers(len(self.regularization_templates))]
 
     def regularization_losses(
-        self, unet: nn.Module, template: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor
+        self, unet: nn.Module, template: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+        image_size: tuple[int, int],
     ) -> RegularizationLosses:
         """Both regularizers, unweighted; one whose weight is 0 is not computed (reported as 0)."""
-        return self.regularizer.losses(unet, template, noisy_latents, timesteps,
+        return self.regularizer.losses(unet, template, noisy_latents, timesteps, image_size,
                                        embedding=self.lambda_embedding > 0, attention=self.lambda_attention > 0)
 
-    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        prediction = super().forward(unet, batch, noisy_latents, timesteps)
+    def forward(self, unet: nn.Module, conditioner: CLIPConditioner, batch: TrainingBatch, noisy_latents: torch.Tensor,
+                timesteps: torch.Tensor) -> MethodOutput:
+        prediction = super().forward(unet, conditioner, batch, noisy_latents, timesteps)
         template = self.regularization_template(batch.step)
-        losses = self.regularization_losses(unet, template, noisy_latents, timesteps)
+        losses = self.regularization_losses(unet, template, noisy_latents, timesteps, batch.image_size)
         return MethodOutput(prediction, losses.weighted(self.lambda_embedding, self.lambda_attention))
 
     def after_optimizer_step(self, step: int) -> None:

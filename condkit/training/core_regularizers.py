@@ -38,7 +38,7 @@ from condkit.conditioning.chunking import chunk_prompt
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.embeddings import expand_prompt
 from condkit.training.attention_probe import probe_cross_attention
-from condkit.training.textual_inversion import sdxl_added_conditions
+from condkit.training.unet_call import predict
 
 SLOT = "{}"
 
@@ -111,10 +111,9 @@ class ContextRegularizer:
     so does `condkit.conditioning.embeddings.load_embedding`).
     """
 
-    def __init__(self, conditioner: CLIPConditioner, placeholder: str, category: str, vae_scale_factor: int) -> None:
+    def __init__(self, conditioner: CLIPConditioner, placeholder: str, category: str) -> None:
         self.conditioner = conditioner
         self.placeholder, self.category = placeholder, category
-        self.vae_scale_factor = vae_scale_factor
         self.concept_ids, self.category_word_ids = [], []
         for index, tokenizer in enumerate(conditioner.tokenizers, start=1):
             if placeholder not in tokenizer.get_vocab():
@@ -137,15 +136,17 @@ class ContextRegularizer:
         template: str,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
+        image_size: tuple[int, int],
         *,
         embedding: bool = True,
         attention: bool = True,
     ) -> RegularizationLosses:
-        """Both regularizers on one template; one switched off is not computed and reported as 0."""
+        """Both regularizers on one template; one switched off is not computed and reported as 0.
+        `image_size` is the pixel size of the noisy latents (SDXL's time ids)."""
         zero = torch.zeros((), device=noisy_latents.device)
         return RegularizationLosses(
             self.embedding_loss(template) if embedding else zero,
-            self.attention_loss(unet, template, noisy_latents, timesteps) if attention else zero,
+            self.attention_loss(unet, template, noisy_latents, timesteps, image_size) if attention else zero,
         )
 
     def embedding_loss(self, template: str) -> torch.Tensor:
@@ -166,32 +167,31 @@ class ContextRegularizer:
         return torch.stack(per_encoder).mean()
 
     def attention_loss(
-        self, unet: nn.Module, template: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor
+        self, unet: nn.Module, template: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+        image_size: tuple[int, int],
     ) -> torch.Tensor:
         """MSE over (layer, sample, context token) between the per-token cross-attention of both prompts."""
         placeholder_prompt, category_prompt = self.prompts(template)
         # The UNet sees one token axis for all encoders (SDXL concatenates features), laid out as encoder 1's.
         alignment, _, _ = self._aligned_ids(0, placeholder_prompt, category_prompt)
         with torch.no_grad():
-            category_attention = self.token_attention(unet, category_prompt, noisy_latents, timesteps)
-        placeholder_attention = self.token_attention(unet, placeholder_prompt, noisy_latents, timesteps)
+            category_attention = self.token_attention(unet, category_prompt, noisy_latents, timesteps, image_size)
+        placeholder_attention = self.token_attention(unet, placeholder_prompt, noisy_latents, timesteps, image_size)
         return F.mse_loss(
             placeholder_attention[..., alignment.placeholder_positions.to(placeholder_attention.device)],
             category_attention[..., alignment.category_positions.to(category_attention.device)],
         )
 
     def token_attention(
-        self, unet: nn.Module, prompt: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor
+        self, unet: nn.Module, prompt: str, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+        image_size: tuple[int, int],
     ) -> torch.Tensor:
         """(cross-attention layers, batch, tokens): attention each token of `prompt` receives, per layer."""
-        conditioning = self.conditioner.embed([prompt])
-        hidden, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
+        hidden, pooled = self.conditioner.denoiser_inputs([prompt], timesteps[:1])
         batch = noisy_latents.shape[0]
-        conditions: dict[str, Any] = {}
-        if pooled is not None:
-            conditions["added_cond_kwargs"] = sdxl_added_conditions(pooled.expand(batch, -1), noisy_latents, self.vae_scale_factor)
+        pooled = None if pooled is None else pooled.expand(batch, -1)
         with probe_cross_attention(unet) as probe:
-            unet(noisy_latents, timesteps, encoder_hidden_states=hidden.expand(batch, -1, -1), **conditions)
+            predict(unet, noisy_latents, timesteps, hidden.expand(batch, -1, -1), pooled, image_size)
             return probe.take()
 
     def _aligned_ids(

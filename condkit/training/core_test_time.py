@@ -109,7 +109,7 @@ def test_time_optimize(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     placeholder, category, start_vectors, conditioner = _resolve_source(source, pipe, category)
     template = prompt_as_template(prompt, placeholder)
-    regularizer = ContextRegularizer(conditioner, placeholder, category, pipe.vae_scale_factor)
+    regularizer = ContextRegularizer(conditioner, placeholder, category)
     tokens = placeholder_tokens(placeholder, start_vectors[0].shape[0])
     unet = pipe.unet
     device = unet.device
@@ -119,7 +119,8 @@ def test_time_optimize(
     evaluation_inputs = draws.next()
 
     def loss_on(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        losses = regularizer.losses(unet, template, latents, timesteps,
+        image_size = (latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor)
+        losses = regularizer.losses(unet, template, latents, timesteps, image_size,
                                     embedding=lambda_embedding > 0, attention=lambda_attention > 0)
         return losses.weighted(lambda_embedding, lambda_attention)
 
@@ -174,9 +175,9 @@ def _resolve_source(
 ) -> tuple[str, str, list[torch.Tensor], CLIPConditioner]:
     """(placeholder, category word, starting vectors per encoder, conditioner over pipe's encoders)."""
     if isinstance(source, TextualInversion):
-        if source.conditioner.text_encoders[0] is not pipe.text_encoder:
+        if source.embeddings[0] is not pipe.text_encoder.get_input_embeddings():
             raise ValueError("the method was built on another pipeline; pass the pipeline it trained with")
-        return source.placeholder, category or source.initializer, source.learned_vectors(), source.conditioner
+        return source.placeholder, category or source.initializer, source.learned_vectors(), CLIPConditioner.from_pipeline(pipe)
     if isinstance(source, LearnedEmbedding):
         if category is None:
             raise ValueError(f"category is required for embedding {source.token!r}; pass category='<its super-category word>'")

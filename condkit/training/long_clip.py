@@ -20,9 +20,12 @@ It runs on the shared training loop as a `LossMethod`, so checkpoints, exact res
 guard, gradient accumulation and several processes work as for every other method:
 
     method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
-    train_long_clip(method, shapes_world_pairs(4096), TrainingConfig("runs/long-clip", max_train_steps=300,
-                                                                     train_batch_size=64, learning_rate=1e-6))
+    train_long_clip(method, pairs, TrainingConfig("runs/long-clip", max_train_steps=300, train_batch_size=64,
+                                                  learning_rate=1e-6))
     save_long_clip_text_encoder(method.model, method.tokenizer, "runs/long-clip")
+
+`pairs` is any indexable of {"image": (3, H, W) in [-1, 1], "long_caption", "short_caption"} items;
+`condkit train long-clip` uses the shapes world's (`condkit.shapes_world.dataset.long_caption_pairs`).
 
 With several processes or accumulation micro-batches, each micro-batch is its own contrastive
 batch (features are not gathered across processes), so each must hold more than `components` + 1
@@ -37,7 +40,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,24 +191,3 @@ def save_long_clip_text_encoder(model: CLIPModel, tokenizer: Any, folder: str | 
     save_with_prefix(text_encoder.to(model.dtype), folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder
-
-
-def shapes_world_pairs(count: int, seed: int = 0, resolution: int = 64) -> list[dict[str, Any]]:
-    """Shapes-world scenes, each with a long caption and a short compositional one, images in [-1, 1]."""
-    from condkit.shapes_world.captions import describe
-    from condkit.shapes_world.dataset import objects_for_style
-    from condkit.shapes_world.scenes import render, sample_scene
-
-    pairs = []
-    for index in range(count):
-        rng = np.random.default_rng([seed, index])
-        scene = sample_scene(rng, objects_for_style("long", rng))
-        pixels = np.asarray(render(scene, resolution).convert("RGB"), dtype=np.float32)
-        pairs.append(
-            {
-                "image": torch.from_numpy(pixels).permute(2, 0, 1).div(127.5).sub(1.0),
-                "long_caption": describe(scene, "long", rng).text,
-                "short_caption": describe(scene, "compositional", rng).text,
-            }
-        )
-    return pairs

@@ -2,7 +2,7 @@
 
     config = TrainingConfig(output_dir="runs/ti", max_train_steps=3000, learning_rate=5e-4,
                             gradient_accumulation_steps=4, checkpointing_steps=500)
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner)
     result = train_with_own_loss(long_clip_method, pairs, config)     # a LossMethod, no UNet
 
 `train` minimises the denoising loss (condkit.training.objectives.DenoisingObjective) for a
@@ -14,9 +14,10 @@ several processes (`torchrun` or `accelerate launch`; gradients are averaged acr
 for the denoising loss results do not depend on how a step's samples are split between processes
 and micro-batches).
 
-Checkpoints (see condkit.training.checkpoint) make runs resumable exactly: the loss curve after a
-resume equals the uninterrupted one. A NaN or infinite loss or gradient stops the run with
-`NonFiniteLossError` before anything bad is saved. The loop never changes the dtype of the
+Checkpoints (accelerate's save_state, see condkit.training.checkpoint) make runs resumable
+exactly: the loss curve after a resume equals the uninterrupted one. A NaN or infinite loss,
+gradient or trainable weight stops the run with `NonFiniteLossError` before anything bad is
+saved, so the newest checkpoint is the last good one. The loop never changes the dtype of the
 modules it is given: cast a frozen UNet to fp16/bf16 yourself to save memory.
 """
 
@@ -26,11 +27,13 @@ import contextlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -40,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .checkpoint import NonFiniteLossError
 from .latent_cache import Dataset
 from .method import LossMethod, MethodOutput, TrainingBatch, TrainingMethod
 from .objectives import DenoisingObjective, OwnLossObjective
@@ -63,10 +67,6 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 ValidationCallback = Callable[[int, TrainingMethod], Sequence[Image.Image] | None]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss or gradient; nothing after the last good checkpoint was saved."""
 
 
 @dataclass
@@ -168,26 +168,37 @@ def train(
     dataset: Dataset,
     config: TrainingConfig,
     *,
+    conditioner: nn.Module | None = None,
     validate: ValidationCallback | None = None,
     accelerator: Accelerator | None = None,
 ) -> TrainingResult:
     """Train `method` on `dataset` with the denoising loss; see the module docstring.
 
+    conditioner: the Conditioner that turns captions into the UNet's conditioning, handed to the
+    method at every step with the UNet (the method's trainable part may sit inside it).
+
     validate(step, method) is called on the main process every config.validation_steps steps (if
     set) and at the end, without gradients and with the method in eval mode; the images it
     returns are saved as PNGs under output_dir/validation/step-NNNNNN/. It cannot change the
     training curve: the generator states are restored after it.
+
+    accelerator: one that holds no prepared or registered objects (its save_state writes the
+    checkpoints); train releases what it prepared when it returns, so the same one can serve again.
     """
     if isinstance(method, LossMethod):
         raise TypeError(f"{type(method).__name__} computes its own loss; run it with train_with_own_loss")
     if not isinstance(method, TrainingMethod):
         raise TypeError(f"method must be a condkit TrainingMethod, got {type(method).__name__}")
     accelerator = _checked_accelerator(accelerator, config)
-    if not any(module is unet for module in method.modules()):
-        unet.requires_grad_(False)
+    trained = {id(parameter) for parameter in method.trainable_parameters()}
+    for frozen_part in (unet, conditioner):
+        for parameter in frozen_part.parameters() if frozen_part is not None else ():
+            if id(parameter) not in trained:
+                parameter.requires_grad_(False)
     objective = DenoisingObjective(
         unet, vae, noise_scheduler, dataset, seed=config.seed, noise_offset=config.noise_offset,
         resolution=config.resolution, vae_batch_size=config.vae_batch_size, device=accelerator.device,
+        conditioner=conditioner,
     )  # fmt: skip
     return _TrainingRun(method, objective, len(dataset), config, validate, accelerator).run()
 
@@ -225,6 +236,18 @@ def _checked_accelerator(accelerator: Accelerator | None, config: TrainingConfig
         raise ValueError(
             f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} steps; expected 1 "
             "(set gradient_accumulation_steps in TrainingConfig instead)"
+        )
+    if accelerator.project_configuration.automatic_checkpoint_naming:
+        raise ValueError(
+            "the accelerator given names checkpoints itself (automatic_checkpoint_naming); train writes "
+            "output_dir/checkpoints/step-NNNNNN, so turn it off"
+        )
+    held = (accelerator._models, accelerator._optimizers, accelerator._schedulers, accelerator._dataloaders,
+            accelerator._custom_objects)  # fmt: skip
+    if any(held):
+        raise ValueError(
+            "the accelerator given already holds prepared or registered objects, which its save_state would write "
+            "into every checkpoint; pass a fresh Accelerator"
         )
     return accelerator
 
@@ -265,24 +288,16 @@ class _TrainingRun:
             num_training_steps=config.max_train_steps,
         )
 
+        # Saved and loaded by accelerate's save_state / load_state with the optimizer and generators.
+        self.stateful = (self.lr_scheduler, self.order)
+
         self.fingerprint = self._fingerprint(dataset_size)
         self.resume_from = self._checkpoint_to_resume()
-        self.start_step = self._load_checkpoint(self.resume_from) if self.resume_from is not None else 0
-        self.model, self.optimizer = self.accelerator.prepare(method, self.optimizer)
-        if self.resume_from is not None and self.accelerator.scaler is not None:
-            ckpt.load_stateful(self.resume_from, ckpt.SCALER_FILE, self.accelerator.scaler)
-
-    def _load_checkpoint(self, checkpoint: Path) -> int:
-        """Load a checkpoint of this same run (checked first, so a refused one leaves everything as it was)."""
-        state = ckpt.read_state(checkpoint)
-        ckpt.check_same_run(checkpoint, state["fingerprint"], self.fingerprint)
-        trainable = ckpt.load_trainable(checkpoint)
-        device = self.accelerator.device
-        self.method.load_trainable_state_dict({name: tensor.to(device) for name, tensor in trainable.items()})
-        ckpt.load_stateful(checkpoint, ckpt.OPTIMIZER_FILE, self.optimizer)
-        ckpt.load_stateful(checkpoint, ckpt.LR_SCHEDULER_FILE, self.lr_scheduler)
-        self.order.load_state_dict(state["data_order"])
-        return int(state["step"])
+        self.start_step = 0
+        if self.resume_from is not None:  # checked before anything changes, so a refused one leaves all as it was
+            self.start_step = ckpt.check_resumable(
+                self.resume_from, self.fingerprint, accelerator.process_index, registered=len(self.stateful)
+            )
 
     def _fingerprint(self, dataset_size: int) -> dict[str, Any]:
         """What must be equal between a checkpoint and this run for the resume to continue the same curve."""
@@ -327,11 +342,11 @@ class _TrainingRun:
         result = TrainingResult(
             Path(config.output_dir), self.start_step, self.start_step, last_checkpoint=self.resume_from
         )
-        if self.resume_from is not None:
-            ckpt.load_rng_state(self.resume_from, self.accelerator.process_index)
-        else:
-            set_seed(config.seed, device_specific=True)
-        self.method.train()
+        self.model, self.optimizer = self.accelerator.prepare(self.method, self.optimizer)
+        self.checkpoints = ckpt.Checkpoints(
+            self.accelerator, self.method, config.checkpoints_dir, self.fingerprint, self.stateful,
+            total_limit=config.checkpoints_total_limit,
+        )  # fmt: skip
         bar = tqdm(
             total=config.max_train_steps,
             initial=self.start_step,
@@ -340,8 +355,13 @@ class _TrainingRun:
             dynamic_ncols=True,
         )
         try:
+            if self.resume_from is not None:  # weights, optimizer, schedule, data order, every process's generators
+                self.checkpoints.load(self.resume_from)
+            else:
+                set_seed(config.seed, device_specific=True)
+            self.method.train()
             for step in range(self.start_step, config.max_train_steps):
-                loss = self._optimizer_step(step, result.last_checkpoint)
+                loss = self._optimizer_step(step)
                 done = step + 1
                 result.losses.append(loss)
                 result.last_step = done
@@ -349,7 +369,7 @@ class _TrainingRun:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                 final = done == config.max_train_steps
                 if done % config.checkpointing_steps == 0 or final:
-                    result.last_checkpoint = self._save_checkpoint(done)
+                    result.last_checkpoint = self.checkpoints.save(done)
                 validation_due = config.validation_steps is not None and done % config.validation_steps == 0
                 if self.validate is not None and (validation_due or final):
                     folder = self._run_validation(done)
@@ -358,9 +378,10 @@ class _TrainingRun:
         finally:
             bar.close()
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            self.checkpoints.close()
         return result
 
-    def _optimizer_step(self, step: int, last_checkpoint: Path | None) -> float:
+    def _optimizer_step(self, step: int) -> float:
         config = self.config
         accumulation = config.gradient_accumulation_steps
         micro_size = config.train_batch_size * self.accelerator.num_processes
@@ -378,7 +399,7 @@ class _TrainingRun:
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(
                         f"loss is {mean_loss} at step {step + 1} (images {mine.tolist()}); training stopped, "
-                        f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+                        f"the last good checkpoint is {self.checkpoints.last_good}"
                     )
                 self.accelerator.backward(loss / accumulation)
             step_loss += mean_loss / accumulation
@@ -386,13 +407,22 @@ class _TrainingRun:
         if grad_norm is not None and not math.isfinite(float(grad_norm)) and self.accelerator.scaler is None:
             raise NonFiniteLossError(
                 f"gradient norm is {float(grad_norm)} at step {step + 1}; training stopped, the last good "
-                f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}"
+                f"checkpoint is {self.checkpoints.last_good}"
             )
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(step + 1)
+        self._check_weights_finite(step + 1)
         return step_loss
+
+    def _check_weights_finite(self, done: int) -> None:
+        bad = ckpt.first_non_finite(self.method.trainable_state_dict())
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"trainable tensor {bad!r} is not finite after step {done}; training stopped, the last good "
+                f"checkpoint is {self.checkpoints.last_good}"
+            )
 
     def _mean_over_processes(self, loss: torch.Tensor) -> float:
         if self.accelerator.num_processes == 1:
@@ -400,29 +430,15 @@ class _TrainingRun:
         # Every process sees the same value, so a NaN on one stops all of them together.
         return self.accelerator.reduce(loss.detach().clone(), reduction="mean").item()
 
-    def _save_checkpoint(self, step: int) -> Path:
-        state = {"step": step, "data_order": self.order.state_dict(), "fingerprint": self.fingerprint}
-        objects = {ckpt.OPTIMIZER_FILE: self.optimizer, ckpt.LR_SCHEDULER_FILE: self.lr_scheduler}
-        if self.accelerator.scaler is not None:
-            objects[ckpt.SCALER_FILE] = self.accelerator.scaler
-        path = ckpt.write_checkpoint(
-            self.accelerator, self.config.checkpoints_dir, step, state, self.method.trainable_state_dict(), objects
-        )
-        if self.config.checkpoints_total_limit and self.accelerator.is_main_process:
-            ckpt.prune_checkpoints(self.config.checkpoints_dir, self.config.checkpoints_total_limit)
-        return path
-
     def _run_validation(self, step: int) -> Path | None:
         folder = None
         if self.accelerator.is_main_process:
-            generators = ckpt.capture_rng_state()
             self.method.eval()
             try:
-                with torch.no_grad():
+                with _generators_restored(), torch.no_grad():
                     images = self.validate(step, self.method)
             finally:
                 self.method.train()
-                ckpt.restore_rng_state(generators)
             if images:
                 folder = Path(self.config.output_dir) / "validation" / ckpt.checkpoint_name(step)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -430,6 +446,18 @@ class _TrainingRun:
                     image.save(folder / f"{number:02d}.png")
         self.accelerator.wait_for_everyone()
         return folder
+
+
+@contextlib.contextmanager
+def _generators_restored():
+    """Puts python's, numpy's and torch's global generators (CPU, and CUDA once used) back after the block."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def _json_roundtrip(value: Any) -> Any:

@@ -4,23 +4,20 @@ The loop owns everything the methods share: the dataset, VAE latents (encoded on
 noise, timesteps, the prediction target, the optimizer, gradient accumulation, checkpoints and
 resume. A method owns its trainable parameters and decides how a batch conditions the UNet.
 
-The smallest method implements `encoder_hidden_states`; the default `forward` then runs the UNet:
+The loop hands `forward` the frozen parts — the UNet and the conditioner — as arguments, so they
+are neither saved in checkpoints nor broadcast between processes, and a method holds only what it
+trains. By default a batch is conditioned exactly as at inference: the conditioner's
+`denoiser_inputs` (its `embed`, then `at_timestep` for a timestep-aware one) on `prompts_for(batch)`,
+then `unet_call.predict` (SD; SDXL with its pooled vector and time ids). So training an adapter is:
 
-    class LearnedContext(TrainingMethod):
-        def __init__(self):
+    class TrainProjection(TrainingMethod):
+        def __init__(self, projection):            # the module inside the ProjectedConditioner handed to train()
             super().__init__()
-            self.context = nn.Parameter(torch.zeros(77, 768))
+            self.projection = projection
 
-        def encoder_hidden_states(self, batch, timesteps):
-            return self.context.expand(len(batch.captions), -1, -1)
-
-A method that needs more (SDXL's added_cond_kwargs, extra loss terms such as CoRe's regularizers)
-overrides `forward` and returns the UNet prediction, or a `MethodOutput` with an extra loss.
-
-The loop hands `forward` the UNet as an argument rather than making it part of the method, so a
-frozen UNet is neither saved in checkpoints nor broadcast between processes. Frozen modules the
-method holds itself (a text encoder, say) should have `requires_grad` off: the loop optimises
-exactly `trainable_parameters()`.
+A method that needs more (CoRe's regularizers) overrides `forward` and returns the UNet prediction,
+or a `MethodOutput` with an extra loss; one without a conditioner implements `encoder_hidden_states`.
+The loop optimises exactly `trainable_parameters()` (those that require grad).
 """
 
 from __future__ import annotations
@@ -32,6 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from condkit.conditioning.base import Conditioner
+from condkit.training.unet_call import predict
+
 
 @dataclass
 class TrainingBatch:
@@ -42,6 +42,7 @@ class TrainingBatch:
     latents: clean VAE latents, already scaled by the VAE's scaling factor (B, C, h, w).
     noise: the noise mixed into `latents` to make the noisy latents (noise offset included).
     step: optimizer steps completed before this batch.
+    image_size: (height, width) of the training images in pixels.
     """
 
     indices: torch.Tensor
@@ -49,6 +50,7 @@ class TrainingBatch:
     latents: torch.Tensor
     noise: torch.Tensor
     step: int
+    image_size: tuple[int, int]
 
 
 @dataclass
@@ -60,21 +62,30 @@ class MethodOutput:
 
 
 class TrainingMethod(nn.Module):
-    """Base class of what `train` optimises. Subclasses implement `encoder_hidden_states` or `forward`."""
+    """Base class of what `train` optimises."""
+
+    def prompts_for(self, batch: TrainingBatch) -> list[str]:
+        """The prompt of each image: its caption (textual inversion draws templates instead)."""
+        return batch.captions
 
     def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement encoder_hidden_states or forward")
+        """Conditioning of a method trained without a conditioner."""
+        raise NotImplementedError(f"{type(self).__name__} needs a conditioner (train(..., conditioner=...)) or encoder_hidden_states")
 
     def forward(
         self,
         unet: nn.Module,
+        conditioner: Conditioner | None,
         batch: TrainingBatch,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
     ) -> torch.Tensor | MethodOutput:
         """The UNet's prediction for `noisy_latents` at `timesteps` (the loop compares it with the target)."""
-        context = self.encoder_hidden_states(batch, timesteps)
-        return unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+        if conditioner is None:
+            hidden, pooled = self.encoder_hidden_states(batch, timesteps), None
+        else:
+            hidden, pooled = conditioner.denoiser_inputs(self.prompts_for(batch), timesteps)
+        return predict(unet, noisy_latents, timesteps, hidden, pooled, batch.image_size)
 
     @property
     def method_name(self) -> str:

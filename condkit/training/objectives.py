@@ -41,6 +41,7 @@ class DenoisingObjective:
         resolution: int | None,
         vae_batch_size: int,
         device: torch.device,
+        conditioner: nn.Module | None = None,
     ) -> None:
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
@@ -54,12 +55,18 @@ class DenoisingObjective:
         self.noise_offset = noise_offset
         self.device = device
         self.unet = unet.to(device)
+        self.conditioner = conditioner
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         vae.requires_grad_(False).eval().to(device)
         self.latents = LatentCache(vae, dataset, resolution=resolution, chunk_size=vae_batch_size, device=device)
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint, beyond the loop's own settings."""
-        return {"prediction_type": self.prediction_type}
+        conditioner = None
+        if self.conditioner is not None:
+            conditioner = {"name": getattr(self.conditioner, "registered_name", None) or type(self.conditioner).__name__,
+                           "config": getattr(self.conditioner, "config", {})}
+        return {"prediction_type": self.prediction_type, "conditioner": conditioner}
 
     def loss(self, model: nn.Module, step: int, indices: torch.Tensor, sample_numbers: range) -> torch.Tensor:
         generators = [sample_generator(self.seed, number) for number in sample_numbers]
@@ -73,8 +80,9 @@ class DenoisingObjective:
             noise = noise + self.noise_offset * offsets
         latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        batch = TrainingBatch(indices=indices, captions=captions, latents=latents, noise=noise, step=step)
-        output = model(self.unet, batch, noisy, timesteps)
+        image_size = (shape[-2] * self.vae_scale_factor, shape[-1] * self.vae_scale_factor)
+        batch = TrainingBatch(indices=indices, captions=captions, latents=latents, noise=noise, step=step, image_size=image_size)
+        output = model(self.unet, self.conditioner, batch, noisy, timesteps)
         if not isinstance(output, MethodOutput):
             output = MethodOutput(prediction=output)
         loss = F.mse_loss(output.prediction.float(), self._target(latents, noise, timesteps).float())

@@ -3,8 +3,12 @@
 Only the new rows are parameters (a `NewTokenEmbedding` stands in for each encoder's token
 table), so the optimizer keeps state for n_vectors × dim values instead of the whole vocabulary
 — adaptive optimizers are safe, and there is no copy-back of the original rows after each step.
-Prompts are encoded by the same CLIPConditioner used at inference, so SD and SDXL (both encoders,
-pooled output and time ids) train through one code path.
+Prompts are encoded by the CLIPConditioner handed to the loop, the one used at inference, so SD and
+SDXL (both encoders, pooled output and time ids) train through one code path:
+
+    conditioner = CLIPConditioner.from_pipeline(pipe)
+    method = TextualInversion(conditioner, "<toy>", "teddy")
+    train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=conditioner)
 """
 
 from __future__ import annotations
@@ -77,13 +81,14 @@ def initializer_vector(tokenizer: Any, encoder: nn.Module, initializer: str) -> 
 class TextualInversion(TrainingMethod):
     """Train `num_vectors` new rows per encoder for `placeholder`; everything else frozen.
 
-    Installs the placeholder in the pipeline's tokenizer(s) and a NewTokenEmbedding in its text
-    encoder(s), so the pipeline itself can render validation images during training.
+    Installs the placeholder in the conditioner's tokenizer(s) and a NewTokenEmbedding in its text
+    encoder(s) — for CLIPConditioner.from_pipeline(pipe), the pipeline's own — so the pipeline itself
+    can render validation images during training.
     """
 
     def __init__(
         self,
-        pipe: Any,
+        conditioner: CLIPConditioner,
         placeholder: str,
         initializer: str,
         num_vectors: int = 1,
@@ -95,12 +100,12 @@ class TextualInversion(TrainingMethod):
             raise ValueError(f"num_vectors must be a positive integer, got {num_vectors}")
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {templates!r}; expected one of {', '.join(TEMPLATE_SETS)}")
-        conditioner = CLIPConditioner.from_pipeline(pipe)
+        if not isinstance(conditioner, CLIPConditioner):
+            raise TypeError(f"textual inversion trains rows of a CLIPConditioner's encoders, got {type(conditioner).__name__}")
         self.placeholder, self.initializer, self.num_vectors = placeholder, initializer, num_vectors
         self.template_set, self.seed = templates, seed
         self.tokens = placeholder_tokens(placeholder, num_vectors)
         self.is_sdxl = conditioner.is_sdxl
-        self.vae_scale_factor = pipe.vae_scale_factor
         for tokenizer in conditioner.tokenizers:
             taken = [token for token in self.tokens if token in tokenizer.get_vocab()]
             if taken:
@@ -113,11 +118,6 @@ class TextualInversion(TrainingMethod):
             tokenizer.add_tokens(self.tokens)
             encoder.set_input_embeddings(table)
             self.embeddings.append(table)
-        self._conditioner = [conditioner]  # a list keeps the frozen encoders out of this module's parameters
-
-    @property
-    def conditioner(self) -> CLIPConditioner:
-        return self._conditioner[0]
 
     def settings(self) -> dict[str, Any]:
         return {"placeholder": self.placeholder, "initializer": self.initializer, "num_vectors": self.num_vectors,
@@ -135,17 +135,6 @@ class TextualInversion(TrainingMethod):
             chosen.append(templates[rng.integers(len(templates))].format(self.expanded_placeholder()))
         return chosen
 
-    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.conditioner.embed(self.prompts_for(batch)).prompt_embeds
-
-    def forward(self, unet: nn.Module, batch: TrainingBatch, noisy_latents: torch.Tensor, timesteps: torch.Tensor):
-        conditioning = self.conditioner.embed(self.prompts_for(batch))
-        hidden, pooled = conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
-        if not self.is_sdxl:
-            return unet(noisy_latents, timesteps, encoder_hidden_states=hidden).sample
-        return unet(noisy_latents, timesteps, encoder_hidden_states=hidden,
-                    added_cond_kwargs=sdxl_added_conditions(pooled, noisy_latents, self.vae_scale_factor)).sample
-
     def learned_vectors(self) -> list[torch.Tensor]:
         """(num_vectors, dim) per encoder, detached, float32."""
         return [table.new_rows.detach().float().cpu().clone() for table in self.embeddings]
@@ -157,9 +146,3 @@ class TextualInversion(TrainingMethod):
         """Write the learned token in any format of `embedding_formats` (default: diffusers / SDXL single file)."""
         return write_embedding(self.learned_embedding(step), path, format, overwrite=overwrite)
 
-
-def sdxl_added_conditions(pooled: torch.Tensor, latents: torch.Tensor, vae_scale_factor: int) -> dict[str, torch.Tensor]:
-    """SDXL's micro-conditioning for centre-cropped training images: original = target size, no crop."""
-    height, width = latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
-    time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
-    return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}

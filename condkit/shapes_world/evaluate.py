@@ -3,8 +3,13 @@
 Each prompt is generated N times (seeds seed … seed+N−1, the same for every conditioner, so runs
 compare image for image). Categories reported:
 - the prompt set's own name (all objects of every prompt);
-- "late objects": only the objects first described at or after the encoder window (token 77),
-  where a truncating encoder cannot see them — present when the set has such prompts.
+- "late objects": only the objects first described at or after the encoder window (token
+  CLIP_POSITIONS = 77), where a truncating encoder cannot see them — present when the set has such prompts.
+
+    report = evaluate_prompt_set(pipe, conditioner, "compositional", images_per_prompt=4)
+    print(table_text(report))
+
+`condkit eval` is this module on the command line.
 """
 
 from __future__ import annotations
@@ -15,13 +20,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from condkit.conditioning import CLIP_POSITIONS
 from condkit.conditioning.base import Conditioner
 from condkit.pipelines.generate import GenerationSettings, PromptRequest, generate, image_grid
 from condkit.shapes_world.captions import Caption, Spec
 from condkit.shapes_world.prompt_sets import PROMPT_SETS, load_prompt_set, read_prompt_file
 from condkit.shapes_world.scorer import aggregate, format_table, score
-
-CLIP_WINDOW = 77
 
 
 def load_captions(prompt_set: str) -> list[Caption]:
@@ -40,7 +44,7 @@ def first_token_index(tokenizer: Any, text: str, char_offset: int) -> int:
     return 1 + len(tokenizer(text[:char_offset], add_special_tokens=False, verbose=False).input_ids)
 
 
-def late_objects_spec(spec: Spec, tokenizer: Any, text: str, window: int = CLIP_WINDOW) -> Spec | None:
+def late_objects_spec(spec: Spec, tokenizer: Any, text: str, window: int = CLIP_POSITIONS) -> Spec | None:
     late = [obj for obj in spec.objects if first_token_index(tokenizer, text, obj.first_char) >= window - 1]
     return Spec(objects=late, relations=[], background=None, count=None) if late else None
 
