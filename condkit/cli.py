@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, steps: int, guidance:
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +174,7 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing-steps", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -476,13 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"condkit: error: {error}", file=sys.stderr)
         return 2
-    if getattr(args, "quiet", False):
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore")
-        from transformers.utils import logging as transformers_logging
+    from condkit.verbosity import log_to_stderr, quiet
 
-        transformers_logging.disable_progress_bar()
+    log_to_stderr()
+    if getattr(args, "quiet", False):
+        quiet()  # progress bars and info off; warnings that change results (a truncated prompt) still print
     try:
         args.handler(args)
     except USER_ERRORS as error:

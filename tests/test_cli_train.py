@@ -211,3 +211,11 @@ def test_a_saved_conditioner_from_python_runs_from_the_cli(model_dir, tmp_path, 
                          "--steps", "1", "--out", tmp_path / "o2", "--quiet")  # the embedded model: another base width
     assert code == 2 and "saved for another base model or pipeline family" in captured.err and captured.err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
+
+
+def test_quiet_keeps_the_warning_that_a_prompt_was_truncated(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "generate", "--model", model_dir, "--opt", "max_chunks=1", "--prompt", "a red circle " * 30,
+                         "--steps", "1", "--out", tmp_path / "o", "--quiet")
+    assert code == 0, captured.err
+    assert "prompt truncated to 1 chunk(s) of 77 tokens: dropped" in captured.err
+    assert "it/s" not in captured.err and "step/s" not in captured.err  # no progress bars

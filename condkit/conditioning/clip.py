@@ -19,7 +19,7 @@ here clip_skip applies to both, as in A1111, so positive and negative come from 
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from condkit.conditioning.registry import register_conditioner
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
 from condkit.conditioning.embeddings import expand_prompt
 from condkit.conditioning.prompt_syntax import check_prompt_characters
+
+logger = logging.getLogger(__name__)
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -190,10 +192,9 @@ class CLIPConditioner(Conditioner):
             return chunks
         kept = TokenChunks(chunks.input_ids[: self.max_chunks], chunks.weights[: self.max_chunks], chunks.n_content_tokens)
         capacity = self.max_chunks * (self.window - 2)
-        warnings.warn(
+        logger.warning(
             f"prompt truncated to {self.max_chunks} chunk(s) of {self.window} tokens: dropped "
-            f"{max(chunks.n_content_tokens - capacity, 0)} of {chunks.n_content_tokens} tokens of {text[:60]!r}",
-            stacklevel=4,
+            f"{max(chunks.n_content_tokens - capacity, 0)} of {chunks.n_content_tokens} tokens of {text[:60]!r}"
         )
         return kept
 

@@ -35,7 +35,7 @@ images.
 from __future__ import annotations
 
 import copy
-import warnings
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ from condkit.conditioning.long_clip_convert import save_with_prefix
 
 from .loop import TrainingConfig, TrainingResult, train_with_own_loss
 from .method import LossMethod
+
+logger = logging.getLogger(__name__)
 
 
 def primary_components(features: torch.Tensor, components: int) -> torch.Tensor:
@@ -161,9 +163,7 @@ class LongCLIPMethod(LossMethod):
         tokens = self.tokenizer(captions, padding="longest", return_tensors="pt")
         if tokens.input_ids.shape[1] > self.window:
             too_long = int((tokens.attention_mask.sum(dim=1) > self.window).sum())
-            warnings.warn(
-                f"{too_long} caption(s) longer than {self.window} tokens were truncated to {self.window}", stacklevel=3
-            )
+            logger.warning(f"{too_long} caption(s) longer than {self.window} tokens were truncated to {self.window}")
             tokens = self.tokenizer(
                 captions, padding="longest", truncation=True, max_length=self.window, return_tensors="pt"
             )
