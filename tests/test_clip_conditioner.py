@@ -128,7 +128,7 @@ def test_registry_and_bad_options(sd):
     assert get_conditioner_class("clip") is CLIPConditioner
     with pytest.raises(ValueError, match="unknown conditioner 'nope'; expected one of: .*clip"):
         get_conditioner_class("nope")
-    with pytest.raises(ValueError, match="clip_skip must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="clip_skip must be between 0 and 3 for these 3-layer text encoders, got -1"):
         CLIPConditioner.from_pipeline(sd, clip_skip=-1)
     with pytest.raises(ValueError, match="got 3 negative prompts for 2 prompts"):
         CLIPConditioner.from_pipeline(sd).encode(["a", "b"], ["x", "y", "z"])

@@ -50,7 +50,7 @@ def test_eval_writes_table_json_and_grid(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt-set", "nope"], "unknown prompt set 'nope'"),
-    (["-n", "0"], "must be a positive integer, got 0"),
+    (["-n", "0"], "argument -n/--images-per-prompt: invalid value '0': expected a positive integer"),
 ])
 def test_eval_bad_input(tmp_path, capsys, argv, message):
     (tmp_path / "m").mkdir()

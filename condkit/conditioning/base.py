@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +28,7 @@ from torch import nn
 
 from condkit.conditioning.features import as_features
 from condkit.conditioning.pipeline_fit import check_output_fits, conditioner_output
+from condkit.files import write_folder_atomically
 
 CONFIG_NAME = "conditioner_config.json"
 
@@ -168,18 +167,12 @@ class Conditioner(nn.Module):
             "output": conditioner_output(self),
             "config": self.config,
         }
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
+
+        def write(staging: Path) -> None:
             (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
             self.save_parts(staging)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return folder
+
+        return write_folder_atomically(folder, write)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, pipe: Any, **options: Any) -> Conditioner:

@@ -111,8 +111,10 @@ class CLIPConditioner(Conditioner):
                 f"expected one (SD) or two (SDXL) tokenizer/text-encoder pairs, got {len(tokenizers)} tokenizers "
                 f"and {len(text_encoders)} text encoders"
             )
-        if clip_skip is not None and clip_skip < 0:
-            raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+        layers = min(encoder.config.num_hidden_layers for encoder in text_encoders)
+        deepest = layers - 1 if len(text_encoders) == 2 else layers  # SDXL already reads the penultimate layer
+        if clip_skip is not None and not 0 <= clip_skip <= deepest:
+            raise ValueError(f"clip_skip must be between 0 and {deepest} for these {layers}-layer text encoders, got {clip_skip}")
         if max_chunks is not None and max_chunks < 1:
             raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
         self.tokenizers = list(tokenizers)

@@ -37,8 +37,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file
 from torch import nn
+
+from condkit.files import read_state_dict
 
 
 def padding_mask(features: torch.Tensor) -> torch.Tensor:
@@ -201,22 +202,6 @@ class TimestepAwareConnector(ModelMixin, ConfigMixin):
         if self.pooled_head is None:
             raise ValueError("this connector has no pooled head; build it with pooled_dim set (e.g. 1280 for SDXL)")
         return self.pooled_head(latents)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a .pt/.bin file through torch.load(weights_only=True)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused or not a torch file
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {error}") from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors (a state_dict)")
-    return state
 
 
 def _widths_from_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -20,23 +20,21 @@ diffusers reads them); formats that store no name take the file name's stem, as 
 Torch pickles (.pt, .bin) load with torch.load(weights_only=True): tensors, dicts, lists, strings
 and numbers only (plus nn.ParameterDict, rebuilt from plain data); a file that needs any other
 object is refused before any of its code can run. Files are recognised by their bytes, not their
-suffix. Writing is atomic (a temporary file in the same folder, then os.replace) and refuses to
-replace an existing file unless overwrite=True.
+suffix. Writing is atomic (condkit.files.write_atomically: a temporary file in the same folder,
+then os.replace) and refuses to replace an existing file unless overwrite=True.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import safetensors.torch
 import torch
+
+from condkit.files import load_pickle_safely, write_atomically
 
 FORMATS = ("diffusers", "diffusers_sdxl", "a1111", "sdxl_single_file", "clip_l", "kohya")
 SINGLE_ENCODER_FORMATS = ("diffusers", "a1111", "clip_l", "kohya")
@@ -149,8 +147,7 @@ def write_embedding(
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     for target, data in zip(targets, contents):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(target, lambda temporary, data=data: _save(data, temporary, container))
+        write_atomically(target, lambda temporary, data=data: _save(data, temporary, container))
     return targets
 
 
@@ -189,17 +186,6 @@ def _save(data: dict[str, Any], path: Path, container: str) -> None:
         safetensors.torch.save_file(data, str(path))
     else:
         torch.save(data, path)
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _container_for_suffix(path: Path) -> str:
@@ -259,24 +245,9 @@ def _load_flat_or_pickled(path: Path) -> Any:
     if len(head) == 9 and head[8:9] == b"{":
         return safetensors.torch.load_file(str(path), device="cpu")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return _load_pickle_safely(path)
+        # nn.ParameterDict (the original textual-inversion code's files) is rebuilt from plain data
+        return load_pickle_safely(path, allowed=[torch.nn.ParameterDict])
     raise ValueError(f"{path} is neither a safetensors file nor a torch pickle (it starts with {head[:8]!r})")
-
-
-def _load_pickle_safely(path: Path) -> Any:
-    # nn.ParameterDict is rebuilt from plain data; torch < 2.5 has no scoped allow-list, so it is refused there.
-    allow_parameter_dict = getattr(torch.serialization, "safe_globals", None)
-    scope = allow_parameter_dict([torch.nn.ParameterDict]) if allow_parameter_dict else contextlib.nullcontext()
-    try:
-        with scope:
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        culprit = found.group(1) if found else "an object that is not plain data"
-        raise ValueError(
-            f"refusing to load {path}: it needs arbitrary unpickling ({culprit}), which could run code; "
-            "expected only tensors, dicts, lists, strings and numbers"
-        ) from None
 
 
 def _classify(data: Any, path: Path) -> str:

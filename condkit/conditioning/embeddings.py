@@ -154,7 +154,7 @@ def _check_fits(embedding: LearnedEmbedding, tokenizers: list[Any], encoders: li
         checked.add(id(tokenizer))
         vocabulary = tokenizer.get_vocab()
         for name in embedding.token_names:
-            existing = name if name in vocabulary else _single_existing_token(tokenizer, name)
+            existing = existing_token(tokenizer, name, vocabulary)
             if existing is not None:
                 raise ValueError(
                     f"token {name!r} already exists in tokenizer {index} (as {existing!r}); "
@@ -162,7 +162,12 @@ def _check_fits(embedding: LearnedEmbedding, tokenizers: list[Any], encoders: li
                 )
 
 
-def _single_existing_token(tokenizer: Any, text: str) -> str | None:
+def existing_token(tokenizer: Any, text: str, vocabulary: dict[str, int] | None = None) -> str | None:
+    """The token `text` already is for `tokenizer` — an entry, or text that tokenizes to one existing
+    token (e.g. "circle" → "circle</w>") — or None if it would be new."""
+    vocabulary = tokenizer.get_vocab() if vocabulary is None else vocabulary
+    if text in vocabulary:
+        return text
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer.convert_ids_to_tokens(ids[0]) if len(ids) == 1 else None
 

@@ -23,13 +23,12 @@ reads both).
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -43,6 +42,7 @@ from transformers import (
 
 from condkit.conditioning import CLIP_POSITIONS
 from condkit.conditioning.long_clip import LONG_CLIP_KEEP, stretch_tokenizer
+from condkit.files import load_pickle_safely, read_state_dict
 
 HEAD_WIDTH = 64
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -96,15 +96,7 @@ def load_longclip_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .pt/.pth/.bin (safe unpickling only) or .safetensors checkpoint."""
     if not path.is_file():
         raise FileNotFoundError(f"Long-CLIP checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        loaded: Any = load_file(path)
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(
-                f"{path} needs arbitrary code to unpickle; refusing it (only plain tensor state dicts are loaded)"
-            ) from None
+    loaded: Any = read_state_dict(path) if path.suffix == ".safetensors" else load_pickle_safely(path)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
 from condkit.conditioning.base import Conditioner
+from condkit.files import write_atomically
 from condkit.pipelines.attach import attach
+from condkit.pipelines.output_folder import check_writable
 
 
 @dataclass
@@ -47,6 +49,10 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass
@@ -127,55 +133,31 @@ def describe_run(pipe: Any, conditioner_name: str, model_name: str, settings: Ge
     }
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Fail early if `out_dir` cannot be created or written; creates nothing itself."""
-    folder = Path(out_dir)
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"output path {str(folder)!r} is not a folder ({str(existing)!r} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {str(folder)!r} is not writable")
-    return folder
-
-
 def save_results(
     results: list[GeneratedImage], out_dir: str | os.PathLike, run: dict[str, Any], grid: bool = True
 ) -> list[Path]:
-    """Write NNNNN_SEED.png + .json per image (atomically) and grid.png; returns the image paths."""
+    """Write NNNNN_SEED.json + .png per image (each atomically, the metadata first, so no image is ever
+    without its metadata) and grid.png; returns the image paths."""
     folder = check_writable(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, result in enumerate(results):
         stem = folder / f"{index:05d}_{result.seed}"
         metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed}
-        _atomic_write(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
-        _atomic_write(stem.with_suffix(".json"), lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        text = json.dumps(metadata, indent=2, allow_nan=False)  # metadata is always valid JSON
+        write_atomically(stem.with_suffix(".json"), lambda path: Path(path).write_text(text))
+        write_atomically(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
         paths.append(stem.with_suffix(".png"))
     if grid and len(results) > 1:
         columns = run.get("num_images_per_prompt", 1)
         columns = columns if columns > 1 else math.ceil(math.sqrt(len(results)))
         sheet = image_grid([r.image for r in results], columns)
-        _atomic_write(folder / "grid.png", lambda path: sheet.save(path, format="PNG"))
+        write_atomically(folder / "grid.png", lambda path: sheet.save(path, format="PNG"))
     return paths
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
+    """diffusers' make_image_grid, `columns` wide, with a short last row filled with white."""
     rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
-    return sheet
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows=rows, cols=columns)

@@ -118,10 +118,23 @@ def read_prompt_file(path: str | Path) -> list[Caption]:
     if not path.is_file():
         raise FileNotFoundError(f"Prompt file {str(path)!r} does not exist.")
     captions = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
             record = json.loads(line)
-            captions.append(Caption(text=record["prompt"], spec=Spec.from_json(record["spec"])))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "spec" not in record:
+            raise ValueError(f'{where}: expected an object with a string "prompt" and its "spec", got {line.strip()[:60]!r}')
+        try:
+            spec = Spec.from_json(record["spec"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{where}: the spec is not a shapes-world scene ({type(error).__name__}: {error})") from None
+        captions.append(Caption(text=record["prompt"], spec=spec))
+    if not captions:
+        raise ValueError(f"prompt set {str(path)!r} holds no prompts")
     return captions
 
 

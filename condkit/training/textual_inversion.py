@@ -21,6 +21,7 @@ from torch import nn
 
 from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.embedding_formats import LearnedEmbedding, write_embedding
+from condkit.conditioning.embeddings import existing_token
 from condkit.training.method import TrainingBatch, TrainingMethod
 
 OBJECT_TEMPLATES = (
@@ -106,10 +107,16 @@ class TextualInversion(TrainingMethod):
         self.template_set, self.seed = templates, seed
         self.tokens = placeholder_tokens(placeholder, num_vectors)
         self.is_sdxl = conditioner.is_sdxl
+        if not placeholder.strip() or placeholder != placeholder.strip() or any(char.isspace() for char in placeholder):
+            raise ValueError(f"placeholder {placeholder!r} must be one word with no spaces, e.g. '<my-thing>'")
         for tokenizer in conditioner.tokenizers:
-            taken = [token for token in self.tokens if token in tokenizer.get_vocab()]
-            if taken:
-                raise ValueError(f"placeholder token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new one")
+            for token in self.tokens:
+                existing = existing_token(tokenizer, token)
+                if existing is not None:
+                    raise ValueError(
+                        f"placeholder token {token!r} is already in the tokenizer's vocabulary (as {existing!r}); "
+                        "choose a new one, e.g. '<my-thing>'"
+                    )
         self.embeddings = nn.ModuleList()
         for tokenizer, encoder in zip(conditioner.tokenizers, conditioner.text_encoders):
             rows = initializer_vector(tokenizer, encoder, initializer).repeat(num_vectors, 1)
