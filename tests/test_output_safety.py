@@ -83,3 +83,20 @@ def test_sigterm_stops_a_run_cleanly(model_dir, tmp_path):
     assert not [name for name in leftovers if name.endswith(".tmp") or name == ".condkit.lock"], leftovers
     for png in out.glob("*.png") if out.exists() else []:
         assert png.with_suffix(".json").exists() or png.name == "grid.png"
+
+
+def test_non_finite_latents_stop_generation_before_anything_is_written(tmp_path):
+    from condkit import GenerationSettings, PromptRequest, generate as generate_images, load_conditioner
+    from condkit.pipelines.generate import save_results
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),))
+    settings = GenerationSettings(steps=2, height=32, width=32)
+    with pytest.raises(FloatingPointError, match=r"latents became non-finite at denoising step 1 .* nothing was written"):
+        results = generate_images(pipe, load_conditioner("clip", pipe), [PromptRequest("a red circle")], settings, progress=False)
+        save_results(results, tmp_path / "o", {})
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
+        GenerationSettings(guidance=float("nan"))
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
+        GenerationSettings(seed=-1)

@@ -91,7 +91,13 @@ def generate(
     batches = -(-len(jobs) // settings.batch_size)
     bar = tqdm(total=batches * settings.steps, desc="generating", unit="step", disable=not progress)  # a step denoises a batch
 
-    def advance(_pipe, _step, _timestep, callback_kwargs):
+    def advance(_pipe, step, timestep, callback_kwargs):
+        latents = callback_kwargs.get("latents")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                f"the latents became non-finite at denoising step {step + 1} (timestep {int(timestep)}) of the batch starting "
+                f"with {batch[0].prompt[:60]!r}; nothing was written (lower --guidance or a prompt weight, or use float32)"
+            )
         bar.update(1)
         return callback_kwargs
 
