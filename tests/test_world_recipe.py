@@ -7,11 +7,12 @@ import random
 import re
 import shutil
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -19,9 +20,14 @@ from transformers import CLIPModel
 
 from condkit.shapes_world.dataset import ShapesDataset, world_words
 from condkit.shapes_world.hard_negatives import change_shape, flip_relation, hard_negative, swap_colours
-from condkit.shapes_world.recipe import train_world
-from condkit.shapes_world.stage_runner import StageRunner
-from condkit.shapes_world.tokenizer import bytes_to_unicode, build_tokenizer
+from condkit.shapes_world.assemble import text_encoder_from_clip
+from condkit.shapes_world.recipe import SCALES, train_world
+from condkit.shapes_world.tokenizer import bytes_to_unicode, build_tokenizer, load_tokenizer
+from condkit.shapes_world.train_unet import MIN_SNR_GAMMA, UnetStage, training_scheduler
+from condkit.shapes_world.world_data import render_pool
+from condkit.training import loop
+from condkit.training.loop import TrainingConfig
+from condkit.training.checkpoint import TRAINABLE_FILE, Checkpoints, list_checkpoints
 
 WORD_PATTERN = re.compile(r"[a-z]+|[^\sa-z]")
 
@@ -31,11 +37,31 @@ def tokenizer(tmp_path_factory):
     return build_tokenizer(world_words(), tmp_path_factory.mktemp("tokenizer"))
 
 
+def record_losses(patch: pytest.MonkeyPatch) -> dict[tuple[str, int], float]:
+    """Collects every optimizer step's loss of the runs that follow, by (stage, step number)."""
+    losses: dict[tuple[str, int], float] = {}
+    original = loop._TrainingRun._optimizer_step
+
+    def recorded(run, step: int) -> float:
+        losses[(Path(run.config.output_dir).name, step + 1)] = loss = original(run, step)
+        return loss
+
+    patch.setattr(loop._TrainingRun, "_optimizer_step", recorded)
+    return losses
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run_and_losses(tmp_path_factory) -> tuple[Path, dict[tuple[str, int], float]]:
     out_dir = tmp_path_factory.mktemp("tiny_run")
-    train_world(out_dir, scale="tiny", progress=False)
-    return out_dir
+    with pytest.MonkeyPatch.context() as patch:
+        losses = record_losses(patch)
+        train_world(out_dir, scale="tiny", progress=False)
+    return out_dir, losses
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run_and_losses) -> Path:
+    return tiny_run_and_losses[0]
 
 
 def test_tokenizer_layout_matches_sd_clip(tokenizer):
@@ -115,36 +141,132 @@ def test_finished_stages_are_skipped_on_resume(tiny_run):
 
 
 TRAINED_STAGES = ["clip", "vae", "unet", "decoder"]
+TINY_STEPS = 4
 
 
-@pytest.mark.parametrize("stage", ["clip", "unet", "decoder"])
-def test_interrupted_stage_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch, stage):
+def interrupt_and_resume(
+    tiny_run: Path, tmp_path: Path, stage: str, patch: pytest.MonkeyPatch,
+    after_interrupt: Callable[[Path], None] = lambda checkpoint: None,
+) -> tuple[Path, dict]:
+    """Rerun `stage` (and not the later ones) on a copy of the tiny run, killed right after its first
+    checkpoint (step 2), then resumed; returns the copy and the losses of both runs.
+    after_interrupt(checkpoint) sees the step-2 checkpoint before the resume replaces it."""
     out_dir = tmp_path / "run"
     shutil.copytree(tiny_run, out_dir, ignore=shutil.ignore_patterns("model", "report-*"))
     for later in TRAINED_STAGES[TRAINED_STAGES.index(stage) :]:
         shutil.rmtree(out_dir / later)
     stages = ("tokenizer", stage)
+    losses = record_losses(patch)
 
-    original_save = StageRunner.save_checkpoint
+    original_save = Checkpoints.save
 
-    def save_then_die(runner: StageRunner, step: int) -> None:
-        original_save(runner, step)
+    def save_then_die(checkpoints: Checkpoints, step: int) -> Path:
+        original_save(checkpoints, step)
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(StageRunner, "save_checkpoint", save_then_die)
+    with pytest.MonkeyPatch.context() as dying:
+        dying.setattr(Checkpoints, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train_world(out_dir, scale="tiny", stages=stages, progress=False)
     assert not (out_dir / stage / "final").exists()
-    assert torch.load(out_dir / stage / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (out_dir / stage / "done.json").exists()
+    assert [path.name for path in list_checkpoints(out_dir / stage / "checkpoints")] == ["step-000002"]
+    assert sorted(losses) == [(stage, 1), (stage, 2)]
+    after_interrupt(out_dir / stage / "checkpoints" / "step-000002")
 
     train_world(out_dir, scale="tiny", stages=stages, progress=False)
+    assert sorted(losses) == [(stage, step) for step in range(1, TINY_STEPS + 1)]
+    return out_dir, losses
+
+
+def assert_same_stage(resumed_dir: Path, uninterrupted_dir: Path, stage: str) -> None:
+    """Final model and last checkpoint's trainable state (EMA included) are bit-identical."""
     weights_file = "model.safetensors" if stage == "clip" else "diffusion_pytorch_model.safetensors"
-    resumed = load_file(out_dir / stage / "final" / weights_file)
-    uninterrupted = load_file(tiny_run / stage / "final" / weights_file)
-    assert resumed.keys() == uninterrupted.keys()
-    for name in resumed:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
+    last_checkpoint = Path("checkpoints") / f"step-{TINY_STEPS:06d}" / TRAINABLE_FILE
+    for file in (Path("final") / weights_file, last_checkpoint):
+        resumed = load_file(resumed_dir / stage / file)
+        uninterrupted = load_file(uninterrupted_dir / stage / file)
+        assert resumed.keys() == uninterrupted.keys()
+        for name in resumed:
+            assert torch.equal(resumed[name], uninterrupted[name]), (file, name)
+
+
+@pytest.mark.parametrize("stage", ["clip", "vae", "decoder"])
+def test_interrupted_stage_resumes_to_the_same_losses_and_weights(tiny_run_and_losses, tmp_path, monkeypatch, stage):
+    tiny_run, uninterrupted_losses = tiny_run_and_losses
+    out_dir, losses = interrupt_and_resume(tiny_run, tmp_path, stage, monkeypatch)
+    assert losses == {key: loss for key, loss in uninterrupted_losses.items() if key[0] == stage}
+    assert_same_stage(out_dir, tiny_run, stage)
+
+
+def test_interrupted_unet_stage_resumes_its_ema(tiny_run_and_losses, tmp_path, monkeypatch):
+    """The resumed UNet stage continues the same curve, weights and EMA (diffusers' EMAModel) as the uninterrupted one."""
+    tiny_run, uninterrupted_losses = tiny_run_and_losses
+    restored: list[tuple[int, dict[str, torch.Tensor]]] = []
+    original_load = UnetStage.load_trainable_state_dict
+
+    def load_and_record(method: UnetStage, state: dict[str, torch.Tensor]) -> None:
+        original_load(method, state)
+        names = [UnetStage.EMA_PREFIX + name for name, _ in method.unet.named_parameters()]
+        shadows = {name: shadow.clone() for name, shadow in zip(names, method.ema.shadow_params, strict=True)}
+        restored.append((method.ema.optimization_step, shadows))
+
+    monkeypatch.setattr(UnetStage, "load_trainable_state_dict", load_and_record)
+    interrupted_state: dict[str, torch.Tensor] = {}
+    out_dir, losses = interrupt_and_resume(
+        tiny_run, tmp_path, "unet", monkeypatch, lambda checkpoint: interrupted_state.update(
+            load_file(checkpoint / TRAINABLE_FILE))
+    )  # fmt: skip
+    assert losses == {key: loss for key, loss in uninterrupted_losses.items() if key[0] == "unet"}
+    assert_same_stage(out_dir, tiny_run, "unet")
+
+    # The resume loaded the step-2 checkpoint once, the EMA's state included.
+    [(step, shadows)] = restored
+    assert step == 2 and int(interrupted_state[UnetStage.EMA_STEP]) == 2
+    assert shadows.keys() == {name for name in interrupted_state if name.startswith(UnetStage.EMA_PREFIX)}
+    for name, shadow in shadows.items():
+        assert torch.equal(shadow, interrupted_state[name]), name
+    # The EMA differs from the trained weights, so the equal EMA tensors at the last step say it carried over.
+    last = load_file(tiny_run / "unet" / "checkpoints" / f"step-{TINY_STEPS:06d}" / TRAINABLE_FILE)
+    assert int(last[UnetStage.EMA_STEP]) == TINY_STEPS
+    trained = [name for name in last if name.startswith("unet.")]
+    assert any(not torch.equal(last[UnetStage.EMA_PREFIX + name.removeprefix("unet.")], last[name]) for name in trained)
+
+
+def test_unet_stage_weights_its_loss_by_min_snr(tiny_run, tmp_path):
+    """The loop's snr_gamma (diffusers' compute_snr) gives the UNet stage Min-SNR-5 weights on epsilon."""
+    calls = []
+
+    class Recording(UnetStage):
+        def forward(self, unet, conditioner, batch, noisy_latents, timesteps):
+            prediction = super().forward(unet, conditioner, batch, noisy_latents, timesteps)
+            calls.append((batch.noise, timesteps, prediction.detach().clone()))
+            return prediction
+
+    text_encoder = text_encoder_from_clip(CLIPModel.from_pretrained(tiny_run / "clip" / "final"))
+    unet = UNet2DConditionModel.from_pretrained(tiny_run / "unet" / "final")
+    vae = AutoencoderKL.from_pretrained(tiny_run / "vae" / "final")
+    method = Recording(unet, load_tokenizer(tiny_run / "tokenizer"), text_encoder, ema_decay=0.9)
+    pool = render_pool(SCALES["tiny"].pool_size, 0, tiny_run / "data", progress=False)
+    config = TrainingConfig(tmp_path, max_train_steps=1, train_batch_size=4, snr_gamma=MIN_SNR_GAMMA, show_progress=False)
+    result = loop.train(method, unet, vae, training_scheduler(), pool, config)
+
+    [(noise, timesteps, prediction)] = calls
+    alphas_cumprod = training_scheduler().alphas_cumprod[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    per_sample = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+    assert result.losses[0] == pytest.approx((per_sample * snr.clamp(max=MIN_SNR_GAMMA) / snr).mean().item(), rel=1e-5)
+    assert result.losses[0] != pytest.approx(per_sample.mean().item(), rel=1e-3)
+
+
+def test_no_resume_starts_a_stage_over(tiny_run, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, out_dir, ignore=shutil.ignore_patterns("model", "report-*"))
+    before = (out_dir / "decoder" / "done.json").stat().st_mtime_ns
+    train_world(out_dir, scale="tiny", stages=("tokenizer", "decoder"), resume=False, progress=False)
+    assert (out_dir / "decoder" / "done.json").stat().st_mtime_ns != before
+    assert [path.name for path in list_checkpoints(out_dir / "decoder" / "checkpoints")] == [f"step-{TINY_STEPS:06d}"]
+    assert_same_stage(out_dir, tiny_run, "decoder")
 
 
 def test_unknown_scale_or_stage_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from .stage_runner import atomic_save_folder
+from condkit.files import write_folder_atomically
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
@@ -56,7 +56,7 @@ def save_pipeline(pipeline: StableDiffusionPipeline, clip: CLIPModel, model_dir:
         clip.save_pretrained(folder / "clip")
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_folder(write, model_dir)
+    write_folder_atomically(model_dir, write)
     return model_dir
 
 

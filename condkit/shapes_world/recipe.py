@@ -2,10 +2,12 @@
 
     train_world("runs/world", scale="full")
 
-runs the stages tokenizer → clip → vae → unet → decoder → assemble. Each stage works in its own
-folder under `out_dir`, checkpoints atomically and resumes; a finished stage is skipped. The
-decoder stage sharpens the VAE decoder with the encoder (and so the UNet's latent space) frozen;
-assemble uses its VAE when that stage has run, the VAE stage's otherwise.
+runs the stages tokenizer → clip → vae → unet → decoder → assemble. Each trained stage runs on
+condkit's training loop in its own folder under `out_dir` (see stage_runner): it checkpoints
+atomically and resumes exactly from its latest checkpoint; a finished stage (one with done.json)
+is skipped; resume=False starts every stage asked for over. The decoder stage sharpens the VAE
+decoder with the encoder (and so the UNet's latent space) frozen; assemble uses its VAE when that
+stage has run, the VAE stage's otherwise.
 
 "tiny" runs every stage for a few steps on tiny models (for tests). "full" writes the shipped
 pipeline folder condkit/shapes_world/model/ and takes about 3 hours on two CPU cores (CLIP
@@ -15,13 +17,16 @@ CLIP trains for 2000 steps because the UNet can only draw what the text encoder 
 500 steps it preferred a caption over a shape-changed one 59% of the time (colour 78%), and the
 UNet trained on it drew every shape as the same blob; at 2000 steps, 72% (colour 86%).
 
-To train a finished stage longer, raise its steps here, delete (or rename) the stage's
-done.json and run that stage and "assemble" again: it resumes from its last checkpoint.
+A stage's learning rate warms up and then decays linearly to zero over its steps, so a checkpoint
+only resumes a run of the same length (a resume with other steps is refused, naming them). To train
+a stage for more steps, raise them here and start it over: `condkit world train --stages
+STAGE,assemble --no-resume` (and the stages after it, which build on its output).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from transformers import CLIPModel
 from . import MODEL_DIR
 from .assemble import build_pipeline, folder_size_mb, save_pipeline, text_encoder_from_clip
 from .dataset import world_words
-from .stage_runner import atomic_write_json
+from .stage_runner import mark_done, read_report, start_over, write_json
 from .tokenizer import build_tokenizer, load_tokenizer
 from .train_clip import ClipScale, train_clip
 from .train_decoder import DecoderScale, train_decoder
@@ -100,6 +105,21 @@ def _require(folder: Path, stage: str) -> Path:
     return folder
 
 
+def _load(model_class: type, out_dir: Path, stage: str):
+    return model_class.from_pretrained(_require(out_dir / stage / "final", stage))
+
+
+def _stage(stage_dir: Path, resume: bool, run: Callable[[Path], dict]) -> dict:
+    """The report of a finished stage when resuming; otherwise run (or resume) it and mark it done."""
+    if not resume:
+        start_over(stage_dir)
+    report = read_report(stage_dir)
+    if report is None:
+        report = run(stage_dir)
+        mark_done(stage_dir, report)
+    return report
+
+
 def train_world(
     out_dir: str | Path,
     *,
@@ -137,38 +157,32 @@ def train_world(
             recipe.held_out_size, seed + 1, out_dir / "data", resolution=RESOLUTION, progress=progress
         )
     reports: dict[str, dict] = {}
-    if "clip" in stages:
-        reports["clip"] = train_clip(
-            out_dir / "clip", tokenizer, pool, held_out, recipe.clip, seed=seed, resume=resume, progress=progress
-        )
-    if "vae" in stages:
-        reports["vae"] = train_vae(
-            out_dir / "vae", pool, held_out, recipe.vae, seed=seed, resume=resume, progress=progress
-        )
-    if "unet" in stages:
-        clip = CLIPModel.from_pretrained(_require(out_dir / "clip" / "final", "clip"))
-        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
-        reports["unet"] = train_unet(
-            out_dir / "unet", tokenizer, text_encoder_from_clip(clip), vae, pool, recipe.unet,
-            seed=seed, resume=resume, progress=progress,
-        )  # fmt: skip
-    if "decoder" in stages:
-        vae = AutoencoderKL.from_pretrained(_require(out_dir / "vae" / "final", "vae"))
-        reports["decoder"] = train_decoder(
-            out_dir / "decoder", vae, pool, held_out, recipe.decoder, seed=seed, resume=resume, progress=progress
-        )
+    trained: dict[str, Callable[[Path], dict]] = {
+        "clip": lambda folder: train_clip(folder, tokenizer, pool, held_out, recipe.clip, seed=seed, progress=progress),
+        "vae": lambda folder: train_vae(folder, pool, held_out, recipe.vae, seed=seed, progress=progress),
+        "unet": lambda folder: train_unet(
+            folder, tokenizer, text_encoder_from_clip(_load(CLIPModel, out_dir, "clip")),
+            _load(AutoencoderKL, out_dir, "vae"), pool, recipe.unet, seed=seed, progress=progress,
+        ),
+        "decoder": lambda folder: train_decoder(
+            folder, _load(AutoencoderKL, out_dir, "vae"), pool, held_out, recipe.decoder, seed=seed, progress=progress
+        ),
+    }  # fmt: skip
+    for stage, run in trained.items():
+        if stage in stages:
+            reports[stage] = _stage(out_dir / stage, resume, run)
     if "assemble" in stages:
         tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
-        clip = CLIPModel.from_pretrained(_require(out_dir / "clip" / "final", "clip"))
+        clip = _load(CLIPModel, out_dir, "clip")
         decoder_dir = out_dir / "decoder" / "final"
         vae_dir = decoder_dir if decoder_dir.is_dir() else _require(out_dir / "vae" / "final", "vae")
         vae = AutoencoderKL.from_pretrained(vae_dir)
-        unet = UNet2DConditionModel.from_pretrained(_require(out_dir / "unet" / "final", "unet"))
+        unet = _load(UNet2DConditionModel, out_dir, "unet")
         save_pipeline(build_pipeline(tokenizer, clip, vae, unet), clip, model_dir)
         reports["assemble"] = {"model_dir": str(model_dir), "vae": str(vae_dir), "size_mb": folder_size_mb(model_dir)}
     if reports:
         summary = {"scale": scale, "seed": seed, "recipe": asdict(recipe), "reports": reports}
-        atomic_write_json(summary, out_dir / f"report-{'-'.join(reports)}.json")
+        write_json(out_dir / f"report-{'-'.join(reports)}.json", summary)
         if progress:
             print(json.dumps(reports, indent=2))
     return model_dir

@@ -8,6 +8,7 @@ caption such as "a red circle" that fits several images is never pushed away fro
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 from condkit.conditioning import CLIP_POSITIONS
+from condkit.training.loop import LossMethod, train_with_own_loss
 
 from .hard_negatives import PERTURBATIONS, hard_negative
-from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
+from .stage_runner import final_loss, model_device, save_final, stage_config
 from .world_data import Pool
 
 
@@ -58,19 +60,15 @@ def clip_config(tokenizer: CLIPTokenizer, scale: ClipScale, resolution: int) -> 
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=scale.width)
 
 
-def _normalise_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) to roughly zero-mean unit-range floats."""
-    return images.float().div(127.5).sub(1.0)
-
-
 def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     tokens = tokenizer(captions, padding="longest", truncation=True, max_length=CLIP_POSITIONS, return_tensors="pt")
-    pooled = model.text_model(input_ids=tokens.input_ids).pooler_output
+    pooled = model.text_model(input_ids=tokens.input_ids.to(model.device)).pooler_output
     return F.normalize(model.text_projection(pooled), dim=-1)
 
 
-def image_embeddings(model: CLIPModel, images: torch.Tensor) -> torch.Tensor:
-    pooled = model.vision_model(pixel_values=_normalise_pixels(images)).pooler_output
+def image_embeddings(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Embeddings of images given as (N, 3, H, W) floats in [-1, 1]."""
+    pooled = model.vision_model(pixel_values=pixels).pooler_output
     return F.normalize(model.visual_projection(pooled), dim=-1)
 
 
@@ -81,14 +79,14 @@ def _same_caption_targets(rows: list[str], columns: list[str]) -> torch.Tensor:
 
 
 def contrastive_loss(
-    model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: list[str], negatives: list[str]
+    model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, captions: list[str], negatives: list[str]
 ) -> torch.Tensor:
-    image_emb = image_embeddings(model, images)
+    image_emb = image_embeddings(model, pixels)
     text_emb = text_embeddings(model, tokenizer, captions + negatives)
     scale = model.logit_scale.exp().clamp(max=100.0)
     logits = scale * image_emb @ text_emb.T  # (B, B + negatives)
-    image_to_text = _same_caption_targets(captions, captions + negatives)
-    text_to_image = _same_caption_targets(captions, captions)
+    image_to_text = _same_caption_targets(captions, captions + negatives).to(logits.device)
+    text_to_image = _same_caption_targets(captions, captions).to(logits.device)
     loss_i2t = torch.sum(-image_to_text * logits.log_softmax(dim=1), dim=1).mean()
     loss_t2i = torch.sum(-text_to_image * logits[:, : len(captions)].T.log_softmax(dim=1), dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
@@ -110,7 +108,7 @@ def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, g
     totals = {kind: 0 for kind in PERTURBATIONS}
     for start in range(0, len(pool) - group + 1, group):
         captions = pool.captions[start : start + group]
-        image_emb = image_embeddings(model, pool.images[start : start + group])
+        image_emb = image_embeddings(model, pool.float_images(torch.arange(start, start + group)))
         text_emb = text_embeddings(model, tokenizer, captions)
         similarity = image_emb @ text_emb.T
         best_text = similarity.argmax(dim=1).tolist()
@@ -139,42 +137,38 @@ def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, g
     }
 
 
+class ClipStage(LossMethod):
+    """The contrastive objective on a batch of pool items, with one hard negative caption per image.
+
+    The hard negatives are drawn from the global generators, which the loop seeds and checkpoints.
+    """
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def forward(self, items: Sequence[dict]) -> torch.Tensor:  # type: ignore[override]
+        captions = [item["caption"] for item in items]
+        rng = random.Random(int(torch.randint(2**62, ())))
+        negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
+        pixels = torch.stack([item["image"] for item in items]).to(model_device(self.model)) * 2 - 1
+        return contrastive_loss(self.model, self.tokenizer, pixels, captions, negatives)
+
+
 def train_clip(
-    stage_dir: Path,
-    tokenizer: CLIPTokenizer,
-    pool: Pool,
-    held_out: Pool,
-    scale: ClipScale,
-    *,
-    seed: int,
-    resume: bool,
-    progress: bool,
+    stage_dir: Path, tokenizer: CLIPTokenizer, pool: Pool, held_out: Pool, scale: ClipScale, *, seed: int, progress: bool
 ) -> dict:
     """Train (or resume) the CLIP stage; the model is saved under stage_dir/final."""
-    if resume and is_done(stage_dir):
-        return read_report(stage_dir)
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(tokenizer, scale, pool.images.shape[-1]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.learning_rate, weight_decay=0.05)
-    warmup = max(1, scale.steps // 20)
-    runner = StageRunner(
-        stage_dir, {"model": model}, optimizer, scale.steps, scale.checkpoint_every,
-        lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / scale.steps),
-        resume=resume, progress=progress, description="clip",
+    config = stage_config(
+        stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 20), weight_decay=0.05,
+        seed=seed, progress=progress,
     )  # fmt: skip
-
-    def train_step(step: int) -> float:
-        generator = step_generator(seed, step)
-        indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
-        captions = [pool.captions[i] for i in indices.tolist()]
-        rng = random.Random(seed * 1_000_003 + step)
-        negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
-        loss = contrastive_loss(model, tokenizer, pool.images[indices], captions, negatives)
-        runner.optimise(loss)
-        return loss.item()
-
-    final_loss = runner.run(train_step)
-    report = {"final_loss": final_loss, **retrieval_accuracy(model, tokenizer, held_out)}
-    atomic_save_folder(lambda folder: model.save_pretrained(folder), stage_dir / "final")
-    mark_done(stage_dir, report)
+    result = train_with_own_loss(ClipStage(model, tokenizer), pool, config)
+    model.cpu()
+    report = {"final_loss": final_loss(result), **retrieval_accuracy(model, tokenizer, held_out)}
+    save_final(stage_dir, model)
     return report

@@ -8,14 +8,17 @@ outlines, and small crosses and diamonds are what a blurry decoder confuses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
-from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
-from .train_vae import outline_weights, reconstruction_quality, scorer_on_reconstructions
+from condkit.training.loop import LossMethod, train_with_own_loss
+
+from .stage_runner import final_loss, save_final, stage_config
+from .train_vae import outline_weighted_error, pool_pixels, reconstruction_quality, scorer_on_reconstructions
 from .world_data import Pool
 
 
@@ -28,48 +31,37 @@ class DecoderScale:
     scored_images: int
 
 
+class DecoderStage(LossMethod):
+    """The outline-weighted reconstruction error through the frozen encoder; only the decoder side trains."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
+
+    def forward(self, items: Sequence[dict]) -> torch.Tensor:  # type: ignore[override]
+        images = pool_pixels(items, self.vae.device)
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample()
+        return outline_weighted_error(self.vae.decode(latents).sample, images)
+
+
 def train_decoder(
-    stage_dir: Path,
-    vae: AutoencoderKL,
-    pool: Pool,
-    held_out: Pool,
-    scale: DecoderScale,
-    *,
-    seed: int,
-    resume: bool,
-    progress: bool,
+    stage_dir: Path, vae: AutoencoderKL, pool: Pool, held_out: Pool, scale: DecoderScale, *, seed: int, progress: bool
 ) -> dict:
     """Fine-tune (or resume) `vae`'s decoder; the whole VAE is saved under stage_dir/final."""
-    if resume and is_done(stage_dir):
-        return read_report(stage_dir)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    decoder_parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    optimizer = torch.optim.AdamW(decoder_parameters, lr=scale.learning_rate, weight_decay=0.0)
-    runner = StageRunner(
-        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every, lambda s: max(0.05, 1 - s / scale.steps),
-        resume=resume, progress=progress, description="decoder",
+    config = stage_config(
+        stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed, progress=progress,
     )  # fmt: skip
-
-    def train_step(step: int) -> float:
-        generator = step_generator(seed, step)
-        indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
-        images = pool.float_images(indices)
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample(generator=generator)
-        error = vae.decode(latents).sample - images
-        weights = outline_weights(images)
-        loss = ((error.abs() + error.square()) * weights).mean() / weights.mean()
-        runner.optimise(loss)
-        return loss.item()
-
-    final_loss = runner.run(train_step)
-    vae.eval()
+    result = train_with_own_loss(DecoderStage(vae), pool, config)
+    vae.cpu().eval()
     report = {
-        "final_loss": final_loss,
+        "final_loss": final_loss(result),
         **reconstruction_quality(vae, held_out),
         "scorer": scorer_on_reconstructions(vae, scale.scored_images, seed=seed + 2),
     }
-    atomic_save_folder(lambda folder: vae.save_pretrained(folder), stage_dir / "final")
-    mark_done(stage_dir, report)
+    save_final(stage_dir, vae)
     return report

@@ -1,35 +1,29 @@
 """Stage "unet": a UNet2DConditionModel on 16x16x4 latents, conditioned SD1.x style.
 
-The frozen text encoder's last_hidden_state (CLIP_POSITIONS tokens) is the cross-attention context; 10% of
-captions are replaced by the empty caption so classifier-free guidance works. Epsilon
-prediction on DDPM scaled_linear betas as in Stable Diffusion, Min-SNR-5 loss weighting, AdamW
-and an EMA copy of the weights, which is what gets shipped. VAE latents of the pool are
-computed once and cached; text states are cheap and computed per batch.
+It trains with the shared loop's denoising loss (`condkit.training.loop.train`): the VAE latents
+of the pool are encoded once and cached by the loop, epsilon prediction on DDPM scaled_linear
+betas as in Stable Diffusion, Min-SNR-5 loss weighting (the loop's snr_gamma, diffusers'
+`compute_snr`), AdamW. The frozen text encoder's last_hidden_state (CLIP_POSITIONS tokens) is the
+cross-attention context; 10% of captions are replaced by the empty caption so classifier-free
+guidance works. diffusers' `EMAModel` keeps an EMA copy of the weights, which is what gets
+shipped; its state is part of the method's trainable state, so checkpoints hold it and a resumed
+run continues the same average.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tqdm.auto import tqdm
+from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from condkit.conditioning import CLIP_POSITIONS
+from condkit.training.loop import TrainingBatch, TrainingMethod, train
 
-from .stage_runner import (
-    StageRunner,
-    atomic_save_folder,
-    atomic_torch_save,
-    is_done,
-    mark_done,
-    read_report,
-    step_generator,
-)
+from .stage_runner import final_loss, model_device, save_final, stage_config
 from .world_data import Pool
 
 CAPTION_DROPOUT = 0.1
@@ -79,24 +73,71 @@ def build_unet(scale: UnetScale, cross_attention_dim: int, latent_size: int) -> 
     )
 
 
-@torch.no_grad()
-def cache_latents(vae: AutoencoderKL, pool: Pool, path: Path, progress: bool, chunk: int = 256) -> torch.Tensor:
-    """Mean and std of each pool image's latent distribution, stacked as (N, 2, 4, h, w)."""
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    parts = []
-    for start in tqdm(range(0, len(pool), chunk), desc="encode latents", disable=not progress, dynamic_ncols=True):
-        posterior = vae.encode(pool.float_images(torch.arange(start, min(start + chunk, len(pool))))).latent_dist
-        parts.append(torch.stack([posterior.mean, posterior.std], dim=1))
-    latents = torch.cat(parts)
-    atomic_torch_save(latents, path)
-    return latents
+class UnetStage(TrainingMethod):
+    """Trains the whole UNet, conditioned on the frozen text encoder; keeps the EMA of its weights.
 
+    Caption dropout draws from the global torch generator, which the loop seeds and checkpoints.
+    """
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    return torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    EMA_PREFIX = "ema."
+    EMA_STEP = "ema_optimization_step"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        ema_decay: float,
+        caption_dropout: float = CAPTION_DROPOUT,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.ema_decay = ema_decay
+        self.caption_dropout = caption_dropout
+        self.ema = EMAModel(unet.parameters(), decay=ema_decay, foreach=True)
+
+    def settings(self) -> dict:
+        return {"ema_decay": self.ema_decay, "caption_dropout": self.caption_dropout}
+
+    def train(self, mode: bool = True) -> UnetStage:
+        super().train(mode)
+        self.text_encoder.eval()
+        return self
+
+    def prompts_for(self, batch: TrainingBatch) -> list[str]:
+        dropped = (torch.rand(len(batch.captions)) < self.caption_dropout).tolist()
+        return ["" if drop else caption for caption, drop in zip(batch.captions, dropped)]
+
+    def encoder_hidden_states(self, batch: TrainingBatch, timesteps: torch.Tensor) -> torch.Tensor:
+        ids = self.tokenizer(
+            self.prompts_for(batch), padding="max_length", truncation=True, max_length=CLIP_POSITIONS,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        with torch.no_grad():
+            return self.text_encoder(input_ids=ids.to(model_device(self.text_encoder))).last_hidden_state
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.ema.to(device=model_device(self.unet))  # the loop may have moved the UNet to its device
+        self.ema.step(self.unet.parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's weights, the EMA's and the EMA's step count: what a resume needs."""
+        state = super().trainable_state_dict()
+        names = [name for name, _ in self.unet.named_parameters()]
+        state.update({self.EMA_PREFIX + name: shadow for name, shadow in zip(names, self.ema.shadow_params)})
+        state[self.EMA_STEP] = torch.tensor(self.ema.optimization_step, dtype=torch.int64)
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        step = int(state.pop(self.EMA_STEP))
+        names = [name for name, _ in self.unet.named_parameters()]
+        shadows = [state.pop(self.EMA_PREFIX + name) for name in names]
+        super().load_trainable_state_dict(state)
+        self.ema.load_state_dict({"optimization_step": step, "shadow_params": shadows})
+        self.ema.to(device=model_device(self.unet))
 
 
 def train_unet(
@@ -108,58 +149,22 @@ def train_unet(
     scale: UnetScale,
     *,
     seed: int,
-    resume: bool,
     progress: bool,
 ) -> dict:
     """Train (or resume) the UNet stage; the EMA weights are saved under stage_dir/final."""
-    if resume and is_done(stage_dir):
-        return read_report(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    text_encoder.requires_grad_(False).eval()
-    vae.requires_grad_(False).eval()
-    latents = cache_latents(vae, pool, stage_dir / "latents.pt", progress)
-    scaling_factor = vae.config.scaling_factor
-    caption_ids = tokenizer(
-        pool.captions, padding="max_length", truncation=True, max_length=CLIP_POSITIONS, return_tensors="pt"
-    ).input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=CLIP_POSITIONS, return_tensors="pt").input_ids[0]
-
+    latent_size = pool.images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(seed)
-    unet = build_unet(scale, text_encoder.config.hidden_size, latents.shape[-1])
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = training_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=scale.learning_rate, weight_decay=0.01)
-    warmup = max(1, scale.steps // 50)
-    runner = StageRunner(
-        stage_dir, {"unet": unet, "ema_unet": ema_unet}, optimizer, scale.steps, scale.checkpoint_every,
-        lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / scale.steps),
-        resume=resume, progress=progress, description="unet",
+    unet = build_unet(scale, text_encoder.config.hidden_size, latent_size)
+    method = UnetStage(unet, tokenizer, text_encoder, scale.ema_decay)
+    config = stage_config(
+        stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 50), weight_decay=0.01,
+        seed=seed, progress=progress, snr_gamma=MIN_SNR_GAMMA, vae_batch_size=64,
     )  # fmt: skip
-
-    def train_step(step: int) -> float:
-        generator = step_generator(seed, step)
-        batch = scale.batch_size
-        indices = torch.randint(len(pool), (batch,), generator=generator)
-        mean, std = latents[indices].unbind(dim=1)
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        ids = caption_ids[indices].clone()
-        ids[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = empty_ids
-        with torch.no_grad():
-            context = text_encoder(input_ids=ids).last_hidden_state
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        runner.optimise(loss)
-        decay = min(scale.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema_unet.parameters()), list(unet.parameters()), 1 - decay)
-        return per_sample.mean().item()
-
-    final_loss = runner.run(train_step)
-    report = {"final_loss": final_loss, "parameters": sum(p.numel() for p in unet.parameters())}
-    atomic_save_folder(lambda folder: ema_unet.save_pretrained(folder), stage_dir / "final")
-    mark_done(stage_dir, report)
+    result = train(method, unet, vae, training_scheduler(), pool, config)
+    unet.cpu()
+    method.ema.to(device="cpu")
+    method.ema.copy_to(unet.parameters())
+    report = {"final_loss": final_loss(result), "parameters": sum(p.numel() for p in unet.parameters())}
+    save_final(stage_dir, unet)
     return report

@@ -10,6 +10,7 @@ The stage report includes the world scorer on reconstructions next to the render
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from condkit.training.loop import LossMethod, train_with_own_loss
+
 from .dataset import ShapesDataset
 from .scorer import aggregate, score
-from .stage_runner import StageRunner, atomic_save_folder, is_done, mark_done, read_report, step_generator
+from .stage_runner import final_loss, save_final, stage_config
 from .world_data import Pool
 
 
@@ -59,14 +62,22 @@ def outline_weights(images: torch.Tensor) -> torch.Tensor:
     return 1.0 + EDGE_WEIGHT * (spread.amax(dim=1, keepdim=True) > 0.05).float()
 
 
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    posterior = vae.encode(images).latent_dist
-    latents = posterior.sample(generator=generator)
-    reconstruction = vae.decode(latents).sample
+def pool_pixels(items: Sequence[dict], device: torch.device) -> torch.Tensor:
+    """The images of pool items as one (N, 3, H, W) batch in [-1, 1], as diffusers' VAE expects."""
+    return torch.stack([item["image"] for item in items]).to(device) * 2 - 1
+
+
+def outline_weighted_error(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE per pixel, pixels on outlines weighted up, normalised by the mean weight."""
     error = reconstruction - images
     weights = outline_weights(images)
-    reconstruction_loss = ((error.abs() + error.square()) * weights).mean() / weights.mean()
-    return reconstruction_loss + kl_weight * posterior.kl().mean() / images[0].numel()
+    return ((error.abs() + error.square()) * weights).mean() / weights.mean()
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    posterior = vae.encode(images).latent_dist
+    reconstruction = vae.decode(posterior.sample()).sample
+    return outline_weighted_error(reconstruction, images) + kl_weight * posterior.kl().mean() / images[0].numel()
 
 
 @torch.no_grad()
@@ -107,45 +118,39 @@ def scorer_on_reconstructions(vae: AutoencoderKL, count: int, seed: int) -> dict
     return {"renders": aggregate(on_renders), "reconstructions": aggregate(on_reconstructions)}
 
 
-def train_vae(
-    stage_dir: Path,
-    pool: Pool,
-    held_out: Pool,
-    scale: VaeScale,
-    *,
-    seed: int,
-    resume: bool,
-    progress: bool,
-) -> dict:
+class VaeStage(LossMethod):
+    """The reconstruction loss of a batch of pool items; the posterior sample uses the loop's global generators."""
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def settings(self) -> dict:
+        return {"kl_weight": self.kl_weight}
+
+    def forward(self, items: Sequence[dict]) -> torch.Tensor:  # type: ignore[override]
+        return vae_loss(self.vae, pool_pixels(items, self.vae.device), self.kl_weight)
+
+
+def train_vae(stage_dir: Path, pool: Pool, held_out: Pool, scale: VaeScale, *, seed: int, progress: bool) -> dict:
     """Train (or resume) the VAE stage; the model is saved under stage_dir/final."""
-    if resume and is_done(stage_dir):
-        return read_report(stage_dir)
     torch.manual_seed(seed)
     vae = build_vae(scale, pool.images.shape[-1])
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=scale.learning_rate, weight_decay=0.0)
-    runner = StageRunner(
-        stage_dir, {"vae": vae}, optimizer, scale.steps, scale.checkpoint_every, lambda s: max(0.1, 1 - s / scale.steps),
-        resume=resume, progress=progress, description="vae",
+    config = stage_config(
+        stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed, progress=progress,
     )  # fmt: skip
-
-    def train_step(step: int) -> float:
-        generator = step_generator(seed, step)
-        indices = torch.randint(len(pool), (scale.batch_size,), generator=generator)
-        loss = vae_loss(vae, pool.float_images(indices), scale.kl_weight, generator)
-        runner.optimise(loss)
-        return loss.item()
-
-    final_loss = runner.run(train_step)
-    vae.eval()
+    result = train_with_own_loss(VaeStage(vae, scale.kl_weight), pool, config)
+    vae.cpu().eval()
     std = latent_std(vae, pool)
     vae.register_to_config(scaling_factor=1.0 / std)
     report = {
-        "final_loss": final_loss,
+        "final_loss": final_loss(result),
         "latent_std": std,
         "mean_posterior_std": posterior_std(vae, pool),
         **reconstruction_quality(vae, held_out),
         "scorer": scorer_on_reconstructions(vae, scale.scored_images, seed=seed + 2),
     }
-    atomic_save_folder(lambda folder: vae.save_pretrained(folder), stage_dir / "final")
-    mark_done(stage_dir, report)
+    save_final(stage_dir, vae)
     return report

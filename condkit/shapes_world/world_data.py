@@ -1,7 +1,8 @@
 """Rendered training pools: the world's images as one uint8 tensor plus their captions.
 
 Rendering is cheap but not free on two cores, so each pool is rendered once and cached in the
-run folder; every stage then draws its batches from the cached tensor.
+run folder. A pool is a dataset for condkit's training loop: item i is {"image": (3, H, W) float
+in [0, 1], "caption": str}, and the stages train on it in the loop's data order.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from condkit.files import load_pickle_safely, write_atomically
+
 from .dataset import ShapesDataset
-from .stage_runner import atomic_torch_save
 
 
 @dataclass
@@ -24,6 +26,9 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        return {"image": self.images[index].float().div(255.0), "caption": self.captions[index]}
 
     def float_images(self, indices: torch.Tensor) -> torch.Tensor:
         """Images at `indices` scaled to [-1, 1], as diffusers' VAE expects."""
@@ -44,7 +49,7 @@ def render_pool(
     held = "with-held-out" if allow_held_out else "train"
     path = cache_dir / f"pool-{held}-seed{seed}-n{length}-r{resolution}.pt"
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle_safely(path)
         return Pool(images=state["images"], captions=list(state["captions"]))
     dataset = ShapesDataset(length, seed=seed, resolution=resolution, allow_held_out=allow_held_out)
     images = torch.empty((length, 3, resolution, resolution), dtype=torch.uint8)
@@ -53,5 +58,5 @@ def render_pool(
         item = dataset[i]
         images[i] = torch.from_numpy(np.asarray(item["image"].convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
         captions.append(item["caption"])
-    atomic_torch_save({"images": images, "captions": captions}, path)
+    write_atomically(path, lambda temporary: torch.save({"images": images, "captions": captions}, temporary))
     return Pool(images=images, captions=captions)

@@ -77,6 +77,9 @@ class TrainingConfig:
     output_dir already holds checkpoints), "latest" continues from the newest checkpoint in
     output_dir (or starts fresh if there is none), a path continues from that checkpoint.
     mixed_precision "auto" means bf16 on a GPU that supports it, else fp16 on a GPU, "no" on CPU.
+    snr_gamma (denoising loss only): Min-SNR-gamma weighting of each sample's loss (Hang et al.,
+    2023, as diffusers' training examples' --snr_gamma); None weights every timestep alike.
+    progress_label: the progress bar's description.
     """
 
     output_dir: str | Path
@@ -92,6 +95,7 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
     noise_offset: float = 0.0
+    snr_gamma: float | None = None
     resolution: int | None = None
     mixed_precision: str = "auto"
     seed: int = 0
@@ -100,6 +104,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | Path | None = None
     validation_steps: int | None = None
     show_progress: bool = True
+    progress_label: str = "training"
     vae_batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class TrainingConfig:
             )
         if self.noise_offset < 0:
             raise ValueError(f"noise_offset must be non-negative, got {self.noise_offset}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be positive or None, got {self.snr_gamma}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
         self.output_dir = Path(self.output_dir)
@@ -197,8 +204,8 @@ def train(
                 parameter.requires_grad_(False)
     objective = DenoisingObjective(
         unet, vae, noise_scheduler, dataset, seed=config.seed, noise_offset=config.noise_offset,
-        resolution=config.resolution, vae_batch_size=config.vae_batch_size, device=accelerator.device,
-        conditioner=conditioner,
+        snr_gamma=config.snr_gamma, resolution=config.resolution, vae_batch_size=config.vae_batch_size,
+        device=accelerator.device, conditioner=conditioner,
     )  # fmt: skip
     return _TrainingRun(method, objective, len(dataset), config, validate, accelerator).run()
 
@@ -307,7 +314,7 @@ class _TrainingRun:
             for name in (
                 "seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                 "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                "max_grad_norm", "noise_offset", "resolution",
+                "max_grad_norm", "noise_offset", "snr_gamma", "resolution",
             )
         }  # fmt: skip
         if self.config.lr_scheduler not in LENGTH_FREE_SCHEDULES:
@@ -350,7 +357,7 @@ class _TrainingRun:
         bar = tqdm(
             total=config.max_train_steps,
             initial=self.start_step,
-            desc="training",
+            desc=config.progress_label,
             disable=not (config.show_progress and self.accelerator.is_main_process),
             dynamic_ncols=True,
         )

@@ -5,8 +5,10 @@ share of a micro-batch it takes the images' latents from the cache (the VAE enco
 once), adds noise at random timesteps (the DDPM forward process of the scheduler's betas), asks
 the method for the UNet prediction and regresses it on the target the scheduler's
 prediction_type names (epsilon, v_prediction or sample), plus any extra loss term the method
-returns. Every sample's latent draw, noise and timestep come from its own generator
-(`sample_generator`), so the loss does not depend on how a step is split between processes.
+returns; with `snr_gamma`, each sample's error is weighted by Min-SNR-gamma (diffusers'
+`compute_snr`, weighted as in its training examples). Every sample's latent draw, noise and
+timestep come from its own generator (`sample_generator`), so the loss does not depend on how a
+step is split between processes.
 
 OwnLossObjective serves a LossMethod (Long-CLIP's contrastive fine-tuning): the method gets the
 micro-batch's dataset items and returns the loss itself.
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from .latent_cache import Dataset, LatentCache
@@ -39,6 +42,7 @@ class DenoisingObjective:
         seed: int,
         noise_offset: float,
         resolution: int | None,
+        snr_gamma: float | None = None,
         vae_batch_size: int,
         device: torch.device,
         conditioner: nn.Module | None = None,
@@ -53,6 +57,7 @@ class DenoisingObjective:
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.seed = seed
         self.noise_offset = noise_offset
+        self.snr_gamma = snr_gamma
         self.device = device
         self.unet = unet.to(device)
         self.conditioner = conditioner
@@ -85,10 +90,25 @@ class DenoisingObjective:
         output = model(self.unet, self.conditioner, batch, noisy, timesteps)
         if not isinstance(output, MethodOutput):
             output = MethodOutput(prediction=output)
-        loss = F.mse_loss(output.prediction.float(), self._target(latents, noise, timesteps).float())
+        target = self._target(latents, noise, timesteps).float()
+        if self.snr_gamma is None:
+            loss = F.mse_loss(output.prediction.float(), target)
+        else:
+            error = F.mse_loss(output.prediction.float(), target, reduction="none")
+            loss = (error.mean(dim=tuple(range(1, error.ndim))) * self._min_snr_weights(timesteps)).mean()
         if output.extra_loss is not None:
             loss = loss + output.extra_loss
         return loss
+
+    def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """min(SNR, gamma) over what the prediction's error is measured against: SNR (epsilon), SNR + 1 (v), 1 (sample)."""
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weights = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return weights / snr
+        if self.prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        return weights
 
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
