@@ -29,7 +29,7 @@ def one_run(out_dir: str) -> tuple[float, float]:
     pipe = load_pipeline(None, "cpu", "float32")  # None: the embedded model
     loaded = time.perf_counter()
     settings = GenerationSettings(steps=25, guidance=5.0, seed=0, batch_size=4)
-    results = generate(pipe, CLIPConditioner.from_pipeline(pipe), [PromptRequest(p) for p in PROMPTS], settings, progress=False)
+    results = generate(pipe, CLIPConditioner.from_pipeline(pipe), [PromptRequest(p) for p in PROMPTS], settings)
     save_results(results, out_dir, describe_run(pipe, "clip", NAME, settings))
     return loaded - start, time.perf_counter() - start
 

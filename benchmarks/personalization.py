@@ -65,7 +65,7 @@ def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed:
 
 def train_concept(method_name: str, args, images) -> tuple:
     """A fresh pipeline with the concept learned by TI ("ti") or TI + CoRe ("core")."""
-    pipe = load_pipeline(args.model, "cpu", "float32", progress=False)
+    pipe = load_pipeline(args.model, "cpu", "float32")
     common = dict(placeholder=PLACEHOLDER, initializer="object", num_vectors=args.num_vectors, seed=args.seed)
     clip = CLIPConditioner.from_pipeline(pipe)
     method = TextualInversion(clip, **common) if method_name == "ti" else CoRe(clip, **common)
@@ -103,7 +103,7 @@ def run_variants(variants: list[str], args, images, concept_phrase: str) -> dict
     the concept's own words in place of the token, nothing learned (what the model can draw at best)."""
     rows = {}
     if "words" in variants:
-        pipe = load_pipeline(args.model, "cpu", "float32", progress=False)
+        pipe = load_pipeline(args.model, "cpu", "float32")
         rows["words"] = row(*(generate_scores(pipe, [p.replace(PLACEHOLDER, concept_phrase) for p in prompts],
                                               concept_phrase, args.n, args.seed)
                               for prompts in (IDENTITY_PROMPTS, ALIGNMENT_PROMPTS)))

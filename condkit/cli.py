@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_world.add_argument("--stages", default=None, help="comma-separated subset of tokenizer,clip,vae,unet,assemble")
     train_world.add_argument("--seed", type=seed, default=0)
     train_world.add_argument("--no-resume", action="store_true", help="start over instead of resuming checkpoints")
-    train_world.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_world.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
     train_world.set_defaults(handler=run_world_train)
 
     train = commands.add_parser("train", help="train a conditioning method")
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     long_clip.add_argument("--checkpointing-steps", type=positive_int, default=100)
     long_clip.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     long_clip.add_argument("--out", default="runs/long-clip", help="folder for checkpoints/, text_encoder/ and tokenizer/")
-    long_clip.add_argument("--quiet", action="store_true")
+    long_clip.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
     long_clip.set_defaults(handler=run_train_long_clip)
 
     adapter = methods.add_parser("adapter", help="train an LLM connector or a learned projection (UNet and encoders frozen)",
@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--batch-size", type=positive_int, default=8)
     adapter.add_argument("--learning-rate", type=positive_float, default=None)
     adapter.add_argument("--dataset-size", type=positive_int, default=2000)
+    adapter.add_argument("--checkpointing-steps", type=positive_int, default=100, help="save a checkpoint every N steps (default: 100)")
     adapter.add_argument("--resume", action="store_true")
     adapter.add_argument("--seed", type=seed, default=0)
     adapter.add_argument("--out", default="runs/adapter")
-    adapter.add_argument("--quiet", action="store_true")
+    adapter.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
     adapter.set_defaults(handler=run_train_adapter)
 
     convert = commands.add_parser("convert", help="convert checkpoints to Hugging Face folders")
@@ -211,7 +212,7 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(pipe, args)
     with claim_output_folder(args.out, args.overwrite) as out_dir:
-        results = generate(pipe, conditioner, requests, settings, progress=not args.quiet)
+        results = generate(pipe, conditioner, requests, settings)
         run = _run_record(pipe, args.conditioner, args, settings, embeddings)
         paths = save_results(results, out_dir, run, grid=not args.no_grid)
     if not args.quiet:
@@ -234,8 +235,7 @@ def run_eval(args: argparse.Namespace) -> None:
     pipe = _load_pipeline_with_embeddings(args, embeddings)
     conditioner = _build_conditioner(pipe, args)
     with claim_output_folder(out, args.overwrite) as out_dir:
-        report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings,
-                                     progress=not args.quiet, limit=args.limit)
+        report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings, limit=args.limit)
         run = _run_record(pipe, label, args, settings, embeddings)
         path = write_report(report, out_dir, {**run, "prompt_set": args.prompt_set})
     print(table_text(report))
@@ -247,8 +247,7 @@ def run_world_train(args: argparse.Namespace) -> None:
     from condkit.shapes_world.recipe import STAGES, train_world
 
     stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    model_dir = train_world(args.out, scale=args.scale, stages=stages, resume=not args.no_resume, seed=args.seed,
-                            progress=not args.quiet, model_dir=args.model_dir)
+    model_dir = train_world(args.out, scale=args.scale, stages=stages, resume=not args.no_resume, seed=args.seed, model_dir=args.model_dir)
     print(f"pipeline written to {model_dir}")
 
 
@@ -300,7 +299,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     dataset = ImageFolder(args.images)
     accelerator = make_accelerator(args.mixed_precision)
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
-    pipe = load_pipeline(args.model, str(accelerator.device), "float32", progress=not args.quiet)
+    pipe = load_pipeline(args.model, str(accelerator.device), "float32")
     conditioner = CLIPConditioner.from_pipeline(pipe)
     if args.save_format is not None and (args.save_format in SINGLE_ENCODER_FORMATS) != (len(conditioner.text_encoders) == 1):
         family = "SD1.x/2.x (one text encoder)" if len(conditioner.text_encoders) == 1 else "SDXL (two text encoders)"
@@ -311,8 +310,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         output_dir=out, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, resolution=resolution, mixed_precision=args.mixed_precision,
-        checkpointing_steps=args.checkpointing_steps, seed=args.seed, show_progress=not args.quiet,
-        resume_from_checkpoint="latest" if args.resume else None,
+        checkpointing_steps=args.checkpointing_steps, seed=args.seed, resume_from_checkpoint="latest" if args.resume else None,
     )
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)
     written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
@@ -341,8 +339,7 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     config = TrainingConfig(
         output_dir=args.out, max_train_steps=args.steps, train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
-        resume_from_checkpoint="latest" if args.resume else None, show_progress=not args.quiet,
-    )  # fmt: skip
+        resume_from_checkpoint="latest" if args.resume else None)  # fmt: skip
     method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
     result = train_long_clip(method, long_caption_pairs(args.pairs, seed=args.seed), config)
     folder = save_long_clip_text_encoder(method.model, method.tokenizer, args.out)
@@ -364,7 +361,7 @@ def run_train_adapter(args: argparse.Namespace) -> None:
         concat_clip=args.concat_clip, switch_off_timestep=args.switch_off_timestep,
         project_all_timesteps=args.project_all_timesteps, dataset=dataset,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
-        seed=args.seed, progress=not args.quiet,
+        checkpointing_steps=args.checkpointing_steps, seed=args.seed,
     )
     print(f"wrote {folder}")
 
@@ -507,7 +504,7 @@ def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[An
     from condkit.conditioning.embeddings import load_embedding
     from condkit.embedded import load_pipeline
 
-    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     for embedding in embeddings:
         load_embedding(pipe, embedding)
     return pipe

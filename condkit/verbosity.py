@@ -32,9 +32,9 @@ def progress_bars_enabled() -> bool:
     return _progress_bars
 
 
-def progress_bar(*args: Any, disable: bool = False, **kwargs: Any) -> tqdm:
-    """tqdm, off when progress bars are disabled for the process or by `disable`."""
-    return tqdm(*args, disable=disable or not _progress_bars, **kwargs)
+def progress_bar(*args: Any, show: bool | None = None, **kwargs: Any) -> tqdm:
+    """tqdm; `show` None follows the process-wide switch, True or False decides for this bar."""
+    return tqdm(*args, disable=not (_progress_bars if show is None else show), **kwargs)
 
 
 class _CommandLineHandler(logging.Handler):

@@ -110,9 +110,9 @@ def test_generate_seeds_batches_and_metadata(tmp_path):
     clip = CLIPConditioner.from_pipeline(pipe)
     requests = [PromptRequest("a red circle"), PromptRequest("a blue square", "blurry", seed=100)]
     settings = GenerationSettings(steps=2, guidance=5.0, seed=7, num_images_per_prompt=2, batch_size=3, height=32, width=32)
-    results = generate(pipe, clip, requests, settings, progress=False)
+    results = generate(pipe, clip, requests, settings)
     assert [r.seed for r in results] == [7, 8, 100, 101]
-    one_by_one = generate(pipe, clip, requests, GenerationSettings(**{**settings.__dict__, "batch_size": 1}), progress=False)
+    one_by_one = generate(pipe, clip, requests, GenerationSettings(**{**settings.__dict__, "batch_size": 1}))
     for a, b in zip(results, one_by_one):
         assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
 

@@ -93,7 +93,7 @@ def test_non_finite_latents_stop_generation_before_anything_is_written(tmp_path)
     pipe.unet.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),))
     settings = GenerationSettings(steps=2, height=32, width=32)
     with pytest.raises(FloatingPointError, match=r"latents became non-finite at denoising step 1 .* nothing was written"):
-        results = generate_images(pipe, load_conditioner("clip", pipe), [PromptRequest("a red circle")], settings, progress=False)
+        results = generate_images(pipe, load_conditioner("clip", pipe), [PromptRequest("a red circle")], settings)
         save_results(results, tmp_path / "o", {})
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):

@@ -242,7 +242,7 @@ def tiny_language_model_folder(tmp_path):
 def test_run_adapter_training_saves_a_pluggable_folder(tmp_path, tiny_model_folder, tiny_language_model_folder, kind, options):
     if kind == "llm":
         options = {**options, "language_model": tiny_language_model_folder}
-    common = dict(model=tiny_model_folder, dataset=adapter_dataset(6), batch_size=2, progress=False, checkpointing_steps=2)
+    common = dict(model=tiny_model_folder, dataset=adapter_dataset(6), batch_size=2, checkpointing_steps=2)
     folder = run_adapter_training(kind, tmp_path / "run", steps=2, **common, **options)
     assert (folder / "conditioner_config.json").is_file()
     with pytest.raises(FileExistsError, match="already exists"):

@@ -451,7 +451,7 @@ class NotPlainData:
 @pytest.mark.parametrize(
     "damage, error, message",
     [
-        ("rng", FileNotFoundError, r"step-000006 has no generator state for process 0 \(random_states_0.pkl\)$"),
+        ("rng", ValueError, r"step-000006 is damaged \(random_states_0.pkl: missing\); refusing to resume from it$"),
         ("code", ValueError, r"refusing to load .*custom_checkpoint_1.pkl: it needs arbitrary unpickling"),
         ("old format", ValueError, r"step-000006: it was written by a condkit older than its accelerate save_state"),
     ],
@@ -468,8 +468,9 @@ def test_damaged_or_unsafe_checkpoints_are_refused_before_anything_loads(
     else:
         os.replace(checkpoint / "optimizer.bin", checkpoint / "optimizer.pt")
     before = folder_snapshot(folder)
+    resume = checkpoint if damage == "rng" else "latest"  # "latest" would skip the damaged one (test_checkpoint_recovery)
     with pytest.raises(error, match=message):
-        run(parts, offset_method(parts), reference_config(folder, resume_from_checkpoint="latest"))
+        run(parts, offset_method(parts), reference_config(folder, resume_from_checkpoint=resume))
     assert folder_snapshot(folder) == before
 
 

@@ -55,7 +55,7 @@ def tiny_run_and_losses(tmp_path_factory) -> tuple[Path, dict[tuple[str, int], f
     out_dir = tmp_path_factory.mktemp("tiny_run")
     with pytest.MonkeyPatch.context() as patch:
         losses = record_losses(patch)
-        train_world(out_dir, scale="tiny", progress=False)
+        train_world(out_dir, scale="tiny")
     return out_dir, losses
 
 
@@ -136,7 +136,7 @@ def test_clip_report_says_which_facts_the_encoder_tells_apart(tiny_run):
 
 def test_finished_stages_are_skipped_on_resume(tiny_run):
     before = (tiny_run / "clip" / "done.json").stat().st_mtime_ns
-    train_world(tiny_run, scale="tiny", stages=("tokenizer", "clip"), progress=False)
+    train_world(tiny_run, scale="tiny", stages=("tokenizer", "clip"))
     assert (tiny_run / "clip" / "done.json").stat().st_mtime_ns == before
 
 
@@ -167,14 +167,14 @@ def interrupt_and_resume(
     with pytest.MonkeyPatch.context() as dying:
         dying.setattr(Checkpoints, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            train_world(out_dir, scale="tiny", stages=stages, progress=False)
+            train_world(out_dir, scale="tiny", stages=stages)
     assert not (out_dir / stage / "final").exists()
     assert not (out_dir / stage / "done.json").exists()
     assert [path.name for path in list_checkpoints(out_dir / stage / "checkpoints")] == ["step-000002"]
     assert sorted(losses) == [(stage, 1), (stage, 2)]
     after_interrupt(out_dir / stage / "checkpoints" / "step-000002")
 
-    train_world(out_dir, scale="tiny", stages=stages, progress=False)
+    train_world(out_dir, scale="tiny", stages=stages)
     assert sorted(losses) == [(stage, step) for step in range(1, TINY_STEPS + 1)]
     return out_dir, losses
 
@@ -247,7 +247,7 @@ def test_unet_stage_weights_its_loss_by_min_snr(tiny_run, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_run / "unet" / "final")
     vae = AutoencoderKL.from_pretrained(tiny_run / "vae" / "final")
     method = Recording(unet, load_tokenizer(tiny_run / "tokenizer"), text_encoder, ema_decay=0.9)
-    pool = render_pool(SCALES["tiny"].pool_size, 0, tiny_run / "data", progress=False)
+    pool = render_pool(SCALES["tiny"].pool_size, 0, tiny_run / "data")
     config = TrainingConfig(tmp_path, max_train_steps=1, train_batch_size=4, snr_gamma=MIN_SNR_GAMMA, show_progress=False)
     result = loop.train(method, unet, vae, training_scheduler(), pool, config)
 
@@ -263,7 +263,7 @@ def test_no_resume_starts_a_stage_over(tiny_run, tmp_path):
     out_dir = tmp_path / "run"
     shutil.copytree(tiny_run, out_dir, ignore=shutil.ignore_patterns("model", "report-*"))
     before = (out_dir / "decoder" / "done.json").stat().st_mtime_ns
-    train_world(out_dir, scale="tiny", stages=("tokenizer", "decoder"), resume=False, progress=False)
+    train_world(out_dir, scale="tiny", stages=("tokenizer", "decoder"), resume=False)
     assert (out_dir / "decoder" / "done.json").stat().st_mtime_ns != before
     assert [path.name for path in list_checkpoints(out_dir / "decoder" / "checkpoints")] == [f"step-{TINY_STEPS:06d}"]
     assert_same_stage(out_dir, tiny_run, "decoder")

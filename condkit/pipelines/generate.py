@@ -16,11 +16,11 @@ from typing import Any, Iterable
 import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
-from tqdm.auto import tqdm
 
 from condkit.conditioning.base import Conditioner
 from condkit.files import write_atomically
 from condkit.pipelines.attach import attach
+from condkit.verbosity import progress_bar
 from condkit.pipelines.output_folder import check_writable
 
 
@@ -78,7 +78,6 @@ def generate(
     conditioner: Conditioner,
     requests: Iterable[PromptRequest],
     settings: GenerationSettings | None = None,
-    progress: bool = True,
     **pipeline_kwargs: Any,
 ) -> list[GeneratedImage]:
     """Generate one image per request and copy; extra keyword arguments go to the pipeline call."""
@@ -89,7 +88,7 @@ def generate(
     device = pipe._execution_device
     results: list[GeneratedImage] = []
     batches = -(-len(jobs) // settings.batch_size)
-    bar = tqdm(total=batches * settings.steps, desc="generating", unit="step", disable=not progress)  # a step denoises a batch
+    bar = progress_bar(total=batches * settings.steps, desc="generating", unit="step")  # a step denoises a batch
 
     def advance(_pipe, step, timestep, callback_kwargs):
         latents = callback_kwargs.get("latents")

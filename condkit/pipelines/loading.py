@@ -52,23 +52,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_pipeline(
-    model: str | os.PathLike, device: str | None = None, dtype: str | None = None, progress: bool = False
+    model: str | os.PathLike, device: str | None = None, dtype: str | None = None
 ) -> Any:
-    """A diffusers pipeline ready to run, from a pipeline folder or a hub id.
-
-    progress=False silences the loading bars of diffusers and transformers (for the whole process).
-    """
+    """A diffusers pipeline ready to run, from a pipeline folder or a hub id. Its loading bars are diffusers'
+    and transformers' own (`condkit.verbosity.quiet()` turns them off with every other bar)."""
     if model is None:
         raise ValueError("no model given; expected a pipeline folder or hub id (condkit.load_pipeline() loads the embedded one)")
     drop_irrelevant_library_messages()
     from diffusers import DiffusionPipeline
-
-    if not progress:
-        import diffusers.utils.logging
-        import transformers.utils.logging
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
 
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)

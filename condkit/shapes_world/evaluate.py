@@ -55,7 +55,6 @@ def evaluate_prompt_set(
     prompt_set: str,
     images_per_prompt: int = 4,
     settings: GenerationSettings | None = None,
-    progress: bool = True,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Generate and score; returns {"table": {category: metrics}, "prompts": [...], "images": [...]}."""
@@ -64,7 +63,7 @@ def evaluate_prompt_set(
     captions = load_captions(prompt_set)[:limit]
     settings = replace(settings or GenerationSettings(), num_images_per_prompt=images_per_prompt)
     requests = [PromptRequest(caption.text, seed=settings.seed) for caption in captions]
-    results = generate(pipe, conditioner, requests, settings, progress=progress)
+    results = generate(pipe, conditioner, requests, settings)
 
     name = Path(prompt_set).stem
     by_category: dict[str, list[dict]] = {name: [], "late objects": []}

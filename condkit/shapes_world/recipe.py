@@ -26,6 +26,7 @@ STAGE,assemble --no-resume` (and the stages after it, which build on its output)
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from .world_data import render_pool
 
 STAGES: tuple[str, ...] = ("tokenizer", "clip", "vae", "unet", "decoder", "assemble")
 RESOLUTION = 64
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,6 @@ def train_world(
     stages: tuple[str, ...] = STAGES,
     resume: bool = True,
     seed: int = 0,
-    progress: bool = True,
     model_dir: str | Path | None = None,
 ) -> Path:
     """Train the shapes world's pipeline and return the folder of the assembled pipeline.
@@ -152,20 +154,20 @@ def train_world(
     needs_data = any(stage in stages for stage in ("clip", "vae", "unet", "decoder"))
     if needs_data:
         tokenizer = load_tokenizer(_require(tokenizer_dir, "tokenizer"))
-        pool = render_pool(recipe.pool_size, seed, out_dir / "data", resolution=RESOLUTION, progress=progress)
+        pool = render_pool(recipe.pool_size, seed, out_dir / "data", resolution=RESOLUTION)
         held_out = render_pool(
-            recipe.held_out_size, seed + 1, out_dir / "data", resolution=RESOLUTION, progress=progress
+            recipe.held_out_size, seed + 1, out_dir / "data", resolution=RESOLUTION
         )
     reports: dict[str, dict] = {}
     trained: dict[str, Callable[[Path], dict]] = {
-        "clip": lambda folder: train_clip(folder, tokenizer, pool, held_out, recipe.clip, seed=seed, progress=progress),
-        "vae": lambda folder: train_vae(folder, pool, held_out, recipe.vae, seed=seed, progress=progress),
+        "clip": lambda folder: train_clip(folder, tokenizer, pool, held_out, recipe.clip, seed=seed),
+        "vae": lambda folder: train_vae(folder, pool, held_out, recipe.vae, seed=seed),
         "unet": lambda folder: train_unet(
             folder, tokenizer, text_encoder_from_clip(_load(CLIPModel, out_dir, "clip")),
-            _load(AutoencoderKL, out_dir, "vae"), pool, recipe.unet, seed=seed, progress=progress,
+            _load(AutoencoderKL, out_dir, "vae"), pool, recipe.unet, seed=seed,
         ),
         "decoder": lambda folder: train_decoder(
-            folder, _load(AutoencoderKL, out_dir, "vae"), pool, held_out, recipe.decoder, seed=seed, progress=progress
+            folder, _load(AutoencoderKL, out_dir, "vae"), pool, held_out, recipe.decoder, seed=seed
         ),
     }  # fmt: skip
     for stage, run in trained.items():
@@ -183,6 +185,5 @@ def train_world(
     if reports:
         summary = {"scale": scale, "seed": seed, "recipe": asdict(recipe), "reports": reports}
         write_json(out_dir / f"report-{'-'.join(reports)}.json", summary)
-        if progress:
-            print(json.dumps(reports, indent=2))
+        logger.info("stage reports: %s", json.dumps(reports))
     return model_dir

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def stage_config(
     stage_dir: Path, *, steps: int, batch_size: int, learning_rate: float, checkpoint_every: int,
-    warmup_steps: int, weight_decay: float, seed: int, progress: bool, **settings: Any,
+    warmup_steps: int, weight_decay: float, seed: int, **settings: Any,
 ) -> TrainingConfig:  # fmt: skip
     """The loop's settings for a stage: AdamW, linear warmup and decay, fp32, resume from the latest checkpoint."""
     if (stage_dir / "checkpoint.pt").is_file():
@@ -38,7 +38,7 @@ def stage_config(
         output_dir=stage_dir, max_train_steps=steps, train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler="linear", lr_warmup_steps=warmup_steps, adam_weight_decay=weight_decay, max_grad_norm=1.0,
         mixed_precision="no", seed=seed, checkpointing_steps=checkpoint_every, checkpoints_total_limit=1,
-        resume_from_checkpoint="latest", show_progress=progress, progress_label=stage_dir.name, **settings,
+        resume_from_checkpoint="latest", progress_label=stage_dir.name, **settings,
     )  # fmt: skip
 
 

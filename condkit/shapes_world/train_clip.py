@@ -157,7 +157,7 @@ class ClipStage(LossMethod):
 
 
 def train_clip(
-    stage_dir: Path, tokenizer: CLIPTokenizer, pool: Pool, held_out: Pool, scale: ClipScale, *, seed: int, progress: bool
+    stage_dir: Path, tokenizer: CLIPTokenizer, pool: Pool, held_out: Pool, scale: ClipScale, *, seed: int
 ) -> dict:
     """Train (or resume) the CLIP stage; the model is saved under stage_dir/final."""
     torch.manual_seed(seed)
@@ -165,7 +165,7 @@ def train_clip(
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
         checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 20), weight_decay=0.05,
-        seed=seed, progress=progress,
+        seed=seed,
     )  # fmt: skip
     result = train_with_own_loss(ClipStage(model, tokenizer), pool, config)
     model.cpu()

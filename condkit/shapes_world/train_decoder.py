@@ -49,12 +49,12 @@ class DecoderStage(LossMethod):
 
 
 def train_decoder(
-    stage_dir: Path, vae: AutoencoderKL, pool: Pool, held_out: Pool, scale: DecoderScale, *, seed: int, progress: bool
+    stage_dir: Path, vae: AutoencoderKL, pool: Pool, held_out: Pool, scale: DecoderScale, *, seed: int
 ) -> dict:
     """Fine-tune (or resume) `vae`'s decoder; the whole VAE is saved under stage_dir/final."""
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
-        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed, progress=progress,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed,
     )  # fmt: skip
     result = train_with_own_loss(DecoderStage(vae), pool, config)
     vae.cpu().eval()

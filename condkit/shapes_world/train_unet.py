@@ -149,7 +149,6 @@ def train_unet(
     scale: UnetScale,
     *,
     seed: int,
-    progress: bool,
 ) -> dict:
     """Train (or resume) the UNet stage; the EMA weights are saved under stage_dir/final."""
     latent_size = pool.images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -159,7 +158,7 @@ def train_unet(
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
         checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 50), weight_decay=0.01,
-        seed=seed, progress=progress, snr_gamma=MIN_SNR_GAMMA, vae_batch_size=64,
+        seed=seed, snr_gamma=MIN_SNR_GAMMA, vae_batch_size=64,
     )  # fmt: skip
     result = train(method, unet, vae, training_scheduler(), pool, config)
     unet.cpu()

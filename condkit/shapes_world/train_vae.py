@@ -133,13 +133,13 @@ class VaeStage(LossMethod):
         return vae_loss(self.vae, pool_pixels(items, self.vae.device), self.kl_weight)
 
 
-def train_vae(stage_dir: Path, pool: Pool, held_out: Pool, scale: VaeScale, *, seed: int, progress: bool) -> dict:
+def train_vae(stage_dir: Path, pool: Pool, held_out: Pool, scale: VaeScale, *, seed: int) -> dict:
     """Train (or resume) the VAE stage; the model is saved under stage_dir/final."""
     torch.manual_seed(seed)
     vae = build_vae(scale, pool.images.shape[-1])
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
-        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed, progress=progress,
+        checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed,
     )  # fmt: skip
     result = train_with_own_loss(VaeStage(vae, scale.kl_weight), pool, config)
     vae.cpu().eval()

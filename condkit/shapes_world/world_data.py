@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from condkit.files import load_pickle_safely, write_atomically
+from condkit.verbosity import progress_bar
 
 from .dataset import ShapesDataset
 
@@ -42,7 +42,6 @@ def render_pool(
     *,
     resolution: int = 64,
     allow_held_out: bool = False,
-    progress: bool = True,
 ) -> Pool:
     """Render `length` items of ShapesDataset(seed=seed), or load them from the cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +53,7 @@ def render_pool(
     dataset = ShapesDataset(length, seed=seed, resolution=resolution, allow_held_out=allow_held_out)
     images = torch.empty((length, 3, resolution, resolution), dtype=torch.uint8)
     captions: list[str] = []
-    for i in tqdm(range(length), desc=f"render pool (seed {seed})", disable=not progress, dynamic_ncols=True):
+    for i in progress_bar(range(length), desc=f"render pool (seed {seed})", dynamic_ncols=True):
         item = dataset[i]
         images[i] = torch.from_numpy(np.asarray(item["image"].convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
         captions.append(item["caption"])

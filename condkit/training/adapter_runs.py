@@ -57,7 +57,6 @@ def run_adapter_training(
     checkpointing_steps: int = 100,
     resume: bool = False,
     seed: int = 0,
-    progress: bool = True,
 ) -> Path:
     """Train a connector (kind "llm") or a projection (kind "projection") and return its saved folder.
 
@@ -77,7 +76,7 @@ def run_adapter_training(
         raise FileExistsError(f"{str(saved)!r} already exists; use another out_dir or resume=True")
 
     accelerator = make_accelerator("auto")
-    pipe = load_pipeline(model, str(accelerator.device), "float32", progress=progress)  # frozen parts on the training device
+    pipe = load_pipeline(model, str(accelerator.device), "float32")  # frozen parts on the training device
     torch.manual_seed(seed)  # the fresh connector's initialisation
     if kind == "llm":
         adapter = LLMAdapterConditioner.from_pipeline(
@@ -100,7 +99,7 @@ def run_adapter_training(
         output_dir=out_dir, max_train_steps=steps, train_batch_size=batch_size,
         learning_rate=learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[kind],
         adam_weight_decay=0.0 if kind == "projection" else 1e-2, max_grad_norm=1.0, resolution=resolution,
-        checkpointing_steps=checkpointing_steps, seed=seed, show_progress=progress,
+        checkpointing_steps=checkpointing_steps, seed=seed,
         resume_from_checkpoint="latest" if resume else None,
     )  # fmt: skip
     result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)

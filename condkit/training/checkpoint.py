@@ -14,11 +14,22 @@ checkpoints); last good = finite (nothing is written unless every trainable tens
 safe reading (accelerate unpickles registered objects with weights_only=False, so they are read
 with weights_only=True first); step-NNNNNN names and pruning to a total limit (accelerate's
 total_limit needs its own checkpoint_<n> names).
+
+Before a resume every file of the checkpoint is verified (`check_resumable`): state.json parses
+and has its keys, trainable.safetensors opens with the fingerprint's tensors and shapes, all
+finite, and the optimizer, scaler, registered-object and every process's generator files exist,
+are not empty and load weights-only (accelerate itself skips unreadable generator states
+silently). A checkpoint failing this is damaged (`DamagedCheckpointError`, naming the file and
+why). Resuming the "latest" skips damaged checkpoints for the newest intact one, with one warning
+line (`newest_resumable`); an explicit one is refused. Not damage, and refused either way: a
+checkpoint of another run (fingerprint), one written by an older condkit, a file that needs
+arbitrary code to unpickle.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Sequence
@@ -26,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME
-from safetensors.torch import save_file
+from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SCALER_NAME
+from safetensors.torch import load_file, save_file
 
 from condkit.files import load_pickle_safely, read_state_dict, replace_folder, staging_folder
 
@@ -35,6 +46,13 @@ STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = f"{OPTIMIZER_NAME}.bin"
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+
+logger = logging.getLogger(__name__)
+
+try:  # what accelerate's own loader allows besides plain data: numpy arrays in the generator states
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS as _GENERATOR_GLOBALS
+except ImportError:  # pragma: no cover - older accelerate
+    _GENERATOR_GLOBALS = []
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,12 +83,46 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1)))
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint with a missing, empty, truncated or unreadable file, or non-finite weights (one line)."""
+
+    def __init__(self, checkpoint: Path, file: str, reason: str, consequence: str = "") -> None:
+        self.checkpoint, self.file, self.reason, self.consequence = Path(checkpoint), file, reason, consequence
+        super().__init__(f"checkpoint {checkpoint} is damaged ({file}: {reason}){consequence}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, e.g. between processes
+        return type(self), (self.checkpoint, self.file, self.reason, self.consequence)
+
+    @property
+    def damage(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
+    """state.json of a checkpoint, checked to be a JSON object with an integer "step" and a "fingerprint"."""
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
-    if not (checkpoint / STATE_FILE).is_file():
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (it has no {STATE_FILE})")
-    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    raw = _read_bytes(path)
+    if not raw.strip():
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, "empty")
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, "not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        reason = f"not valid JSON ({error.msg}: line {error.lineno} column {error.colno})"
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, reason) from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, f"a JSON {type(state).__name__}, not an object")
+    step, fingerprint = state.get("step"), state.get("fingerprint")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, f'"step" is {step!r}, not a non-negative integer')
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("trainable", {}), dict):
+        raise DamagedCheckpointError(checkpoint, STATE_FILE, '"fingerprint" is missing or not an object of settings')
+    return state
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -81,8 +133,17 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return next(name for name, tensor in floating.items() if not torch.isfinite(tensor).all())
 
 
-def check_resumable(checkpoint: Path, fingerprint: dict[str, Any], rank: int, registered: int) -> int:
-    """The step of a checkpoint this process can resume from; raises, changing nothing, for any other."""
+def check_resumable(
+    checkpoint: Path, fingerprint: dict[str, Any], processes: int, registered: int, scaler: bool = False
+) -> int:
+    """The step of a checkpoint this run can resume from, after verifying every file it will load.
+
+    Raises, changing nothing: DamagedCheckpointError (a ValueError naming the file and why) for a
+    damaged checkpoint; ValueError for another run's checkpoint, an older condkit's or a file that
+    needs code to unpickle; FileNotFoundError for a folder that is not a checkpoint. `processes`:
+    every process's generator file is verified, so all processes judge a checkpoint alike.
+    `scaler`: the run has a GradScaler (fp16), so scaler.pt is needed too.
+    """
     state = read_state(checkpoint)
     if not (checkpoint / OPTIMIZER_FILE).is_file() and (checkpoint / "optimizer.pt").is_file():
         raise ValueError(
@@ -90,13 +151,142 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, Any], rank: int, re
             "save_state checkpoints; resume it with that version or start a fresh run"
         )
     check_same_run(checkpoint, state["fingerprint"], fingerprint)
-    for name, what in ((TRAINABLE_FILE, "trainable weights"), (OPTIMIZER_FILE, "optimizer state"),
-                       (rng_file(rank), f"generator state for process {rank}")):  # fmt: skip
-        if not (checkpoint / name).is_file():
-            raise FileNotFoundError(f"{checkpoint} has no {what} ({name})")
-    for index in range(registered):
-        load_pickle_safely(checkpoint / custom_file(index))  # accelerate itself reads them with weights_only=False
+    _verify_trainable(checkpoint, fingerprint.get("trainable", {}))
+    _verify_torch_file(checkpoint, OPTIMIZER_FILE, keys=("state", "param_groups"))
+    for index in range(registered):  # accelerate itself reads them with weights_only=False
+        _verify_torch_file(checkpoint, custom_file(index))
+    for rank in range(processes):  # accelerate carries on silently without an unreadable one
+        _verify_torch_file(checkpoint, rng_file(rank), keys=("random_state", "numpy_random_seed", "torch_manual_seed"),
+                           allowed=_GENERATOR_GLOBALS)  # fmt: skip
+    if scaler:
+        _verify_torch_file(checkpoint, SCALER_NAME)
     return int(state["step"])
+
+
+def newest_resumable(
+    checkpoints: Sequence[Path], fingerprint: dict[str, Any], processes: int, registered: int,
+    scaler: bool = False, report: bool = True,
+) -> tuple[Path, int]:  # fmt: skip
+    """The newest intact checkpoint of `checkpoints` (oldest first, not empty) and its step.
+
+    Damaged checkpoints are skipped, with one warning line naming each and its bad file (if
+    `report`); if every one is damaged, a one-line ValueError names the newest and why. Any other
+    refusal (another run's checkpoint, an unsafe file) is raised as by `check_resumable`.
+    """
+    damaged: list[DamagedCheckpointError] = []
+    for checkpoint in reversed(checkpoints):
+        try:
+            step = check_resumable(checkpoint, fingerprint, processes, registered, scaler)
+        except DamagedCheckpointError as damage:
+            damaged.append(damage)
+            continue
+        except (ValueError, FileNotFoundError) as refusal:
+            if not damaged:
+                raise
+            kind = FileNotFoundError if isinstance(refusal, FileNotFoundError) else ValueError
+            raise kind(f"{_damage_line(damaged)}; the next older one cannot be resumed either: {refusal}") from refusal
+        if damaged and report:
+            logger.warning("%s; resuming from %s instead", _damage_line(damaged), checkpoint.name)
+        return checkpoint, step
+    newest, older = damaged[0], len(damaged) - 1
+    others = {0: "and there is no older one", 1: "and so is the one older checkpoint"}.get(
+        older, f"and so are all {older} older ones"
+    )
+    raise DamagedCheckpointError(
+        newest.checkpoint, newest.file, newest.reason,
+        f" {others}; cannot resume: repair or remove them, or start a fresh run in another output_dir",
+    )  # fmt: skip
+
+
+def check_requested(
+    checkpoint: Path, fingerprint: dict[str, Any], processes: int, registered: int, scaler: bool = False
+) -> int:
+    """`check_resumable` for a checkpoint named by the user: a damaged one is refused, with no fallback."""
+    try:
+        return check_resumable(checkpoint, fingerprint, processes, registered, scaler)
+    except DamagedCheckpointError as damage:
+        raise DamagedCheckpointError(damage.checkpoint, damage.file, damage.reason, "; refusing to resume from it") from None
+
+
+def _damage_line(damaged: Sequence[DamagedCheckpointError]) -> str:
+    line = str(damaged[0])
+    for damage in damaged[1:]:
+        line += f"; so is {damage.checkpoint.name} ({damage.damage})"
+    return line
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _present(checkpoint: Path, file: str) -> Path:
+    """The path of a checkpoint file that exists, is not empty and can be opened.
+
+    A file that cannot be opened (no permission) is not damaged: a ValueError names it. Past this,
+    any error reading the file is damage (torch reports some truncations as OSError).
+    """
+    path = checkpoint / file
+    if not path.is_file():
+        raise DamagedCheckpointError(checkpoint, file, "missing")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(checkpoint, file, "empty")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    return path
+
+
+def _brief(error: BaseException) -> str:
+    """The first sentence of an error's message on one line, short."""
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0].rstrip(".")
+    text = text.removeprefix("Error while deserializing header: ")
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _verify_trainable(checkpoint: Path, shapes: dict[str, list[int]]) -> None:
+    path = _present(checkpoint, TRAINABLE_FILE)
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors' SafetensorError: truncated, garbled header, ...
+        raise DamagedCheckpointError(checkpoint, TRAINABLE_FILE, f"truncated or corrupted ({_brief(error)})") from None
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise DamagedCheckpointError(checkpoint, TRAINABLE_FILE, f"tensor {missing[0]!r} is missing")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise DamagedCheckpointError(checkpoint, TRAINABLE_FILE, f"tensor {extra[0]!r} is not in state.json")
+    for name, tensor in tensors.items():
+        if list(tensor.shape) != list(shapes[name]):
+            reason = f"tensor {name!r} has shape {list(tensor.shape)}, not {list(shapes[name])} as in state.json"
+            raise DamagedCheckpointError(checkpoint, TRAINABLE_FILE, reason)
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise DamagedCheckpointError(checkpoint, TRAINABLE_FILE, f"tensor {bad!r} holds NaN or infinite values")
+
+
+def _verify_torch_file(checkpoint: Path, file: str, keys: Sequence[str] = (), allowed: Sequence[type] = ()) -> None:
+    """A torch pickle that loads weights-only into a dict with `keys`; one needing code is refused, not damaged."""
+    path = _present(checkpoint, file)
+    try:
+        loaded = load_pickle_safely(path, allowed=allowed)
+    except OSError as error:  # torch reports some truncated files so
+        raise DamagedCheckpointError(checkpoint, file, f"truncated or corrupted ({_brief(error)})") from None
+    except ValueError as error:
+        if error.__cause__ is None:  # load_pickle_safely's refusal of a file that needs arbitrary code
+            raise
+        raise DamagedCheckpointError(checkpoint, file, f"truncated or corrupted ({_brief(error.__cause__)})") from None
+    if not isinstance(loaded, dict):
+        raise DamagedCheckpointError(checkpoint, file, f"holds a {type(loaded).__name__}, not a state dict")
+    absent = [key for key in keys if key not in loaded]
+    if absent:
+        raise DamagedCheckpointError(checkpoint, file, f"has no {absent[0]!r}")
 
 
 def check_same_run(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -173,7 +363,7 @@ class Checkpoints:
         return str(self.last) if self.last else "none (no checkpoint was written yet)"
 
     def load(self, checkpoint: Path) -> None:
-        """Load a checkpoint that `check_resumable` accepted."""
+        """Load a checkpoint that `check_resumable` (or `newest_resumable`) accepted."""
         self.accelerator.load_state(str(checkpoint))
         self.last = checkpoint
 

@@ -40,7 +40,8 @@ from accelerate.utils import set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
+
+from condkit.verbosity import progress_bar
 
 from . import checkpoint as ckpt
 from .checkpoint import NonFiniteLossError
@@ -103,7 +104,7 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | Path | None = None
     validation_steps: int | None = None
-    show_progress: bool = True
+    show_progress: bool | None = None  # None: as condkit.verbosity says (off after quiet())
     progress_label: str = "training"
     vae_batch_size: int = 8
 
@@ -299,12 +300,8 @@ class _TrainingRun:
         self.stateful = (self.lr_scheduler, self.order)
 
         self.fingerprint = self._fingerprint(dataset_size)
-        self.resume_from = self._checkpoint_to_resume()
-        self.start_step = 0
-        if self.resume_from is not None:  # checked before anything changes, so a refused one leaves all as it was
-            self.start_step = ckpt.check_resumable(
-                self.resume_from, self.fingerprint, accelerator.process_index, registered=len(self.stateful)
-            )
+        # Verified before anything changes, so a refused checkpoint leaves all as it was.
+        self.resume_from, self.start_step = self._checkpoint_to_resume()
 
     def _fingerprint(self, dataset_size: int) -> dict[str, Any]:
         """What must be equal between a checkpoint and this run for the resume to continue the same curve."""
@@ -330,7 +327,12 @@ class _TrainingRun:
             **key_config,
         }
 
-    def _checkpoint_to_resume(self) -> Path | None:
+    def _checkpoint_to_resume(self) -> tuple[Path | None, int]:
+        """The checkpoint to resume from (None: a fresh run) and its step, every file it holds verified.
+
+        "latest" skips damaged checkpoints for the newest intact one, saying so in one warning line;
+        a checkpoint named explicitly is refused if damaged.
+        """
         requested = self.config.resume_from_checkpoint
         existing = ckpt.list_checkpoints(self.config.checkpoints_dir)
         if requested is None:
@@ -339,10 +341,17 @@ class _TrainingRun:
                     f"{self.config.output_dir} already holds checkpoints (latest {existing[-1].name}); pass "
                     "resume_from_checkpoint='latest' to continue that run or choose another output_dir"
                 )
-            return None
+            return None, 0
+        expected = dict(
+            fingerprint=self.fingerprint, processes=self.accelerator.num_processes, registered=len(self.stateful),
+            scaler=self.accelerator.scaler is not None,
+        )  # fmt: skip
         if requested == "latest":
-            return existing[-1] if existing else None
-        return Path(requested)
+            if not existing:
+                return None, 0
+            return ckpt.newest_resumable(existing, **expected, report=self.accelerator.is_main_process)
+        checkpoint = Path(requested)
+        return checkpoint, ckpt.check_requested(checkpoint, **expected)
 
     def run(self) -> TrainingResult:
         config = self.config
@@ -354,11 +363,11 @@ class _TrainingRun:
             self.accelerator, self.method, config.checkpoints_dir, self.fingerprint, self.stateful,
             total_limit=config.checkpoints_total_limit,
         )  # fmt: skip
-        bar = tqdm(
+        bar = progress_bar(
             total=config.max_train_steps,
             initial=self.start_step,
             desc=config.progress_label,
-            disable=not (config.show_progress and self.accelerator.is_main_process),
+            show=config.show_progress if self.accelerator.is_main_process else False,
             dynamic_ncols=True,
         )
         try:
