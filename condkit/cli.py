@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_world.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
     train_world.set_defaults(handler=run_world_train)
 
+    export = world_commands.add_parser("export", help="write shapes-world training data as a folder dataset",
+                                       description="Write shapes-world scenes as PNGs plus metadata.jsonl (file_name, text): "
+                                                   "the data `condkit train adapter` uses by default, as a folder any trainer reads with --data.")
+    export.add_argument("folder", help="output folder (must not exist or be empty)")
+    export.add_argument("--count", type=positive_int, default=2000, help="scenes (default: 2000)")
+    export.add_argument("--seed", type=seed, default=0)
+    export.add_argument("--resolution", type=multiple_of_8, default=64, help="image size in pixels (default: 64, the shipped model's)")
+    export.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
+    export.set_defaults(handler=run_world_export)
+
     train = commands.add_parser("train", help="train a conditioning method")
     methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
     inversion = methods.add_parser("textual-inversion", help="learn a new token from a few images",
@@ -147,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--steps", type=positive_int, default=500)
     adapter.add_argument("--batch-size", type=positive_int, default=8)
     adapter.add_argument("--learning-rate", type=positive_float, default=None)
-    adapter.add_argument("--dataset-size", type=positive_int, default=2000)
+    adapter.add_argument("--dataset-size", type=positive_int, default=2000,
+                         help="shapes-world scenes to train on when no --data/--dataset is given (default: 2000)")
+    _add_data_options(adapter)
     adapter.add_argument("--checkpointing-steps", type=positive_int, default=100, help="save a checkpoint every N steps (default: 100)")
     adapter.add_argument("--resume", action="store_true")
     adapter.add_argument("--seed", type=seed, default=0)
@@ -168,9 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Your own images and captions: a folder, or anything `datasets` loads (see condkit.training.data)."""
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="images with same-name .txt/.caption captions, or a metadata.jsonl (file_name + caption column)")
+    parser.add_argument("--dataset", default=None, metavar="NAME_OR_PATH",
+                        help="a `datasets` dataset: a save_to_disk folder, an imagefolder, or a hub name when online")
+    parser.add_argument("--image-column", default=None, help="--dataset's image column (default: image)")
+    parser.add_argument("--caption-column", default=None, help="the caption column (default: text, when there is one)")
+    parser.add_argument("--streaming", action="store_true", help="stream --dataset (needs --max-items)")
+    parser.add_argument("--max-items", type=positive_int, default=None, help="use the first N items of --dataset")
+
+
+def _training_data(args: argparse.Namespace, caption_required: bool) -> Any:
+    from condkit.training.data import load_training_data
+
+    return load_training_data(args.data, args.dataset, image_column=args.image_column, caption_column=args.caption_column,
+                              streaming=args.streaming, max_items=args.max_items, caption_required=caption_required)
+
+
 def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="JSON file of option values (keys as the long flags, e.g. \"learning_rate\"); flags override it")
-    parser.add_argument("--images", required=False, help="folder of training images")
+    parser.add_argument("--images", required=False, help="folder of training images (same as --data)")
+    _add_data_options(parser)
     parser.add_argument("--placeholder", default="<concept>", help="the new token (default: <concept>)")
     parser.add_argument("--initializer", default=None, help="a word the tokenizer knows, to start from (several tokens are averaged)")
     parser.add_argument("--num-vectors", type=positive_int, default=1, help="vectors per token (default: 1)")
@@ -251,6 +283,13 @@ def run_world_train(args: argparse.Namespace) -> None:
     print(f"pipeline written to {model_dir}")
 
 
+def run_world_export(args: argparse.Namespace) -> None:
+    from condkit.shapes_world.export import export_dataset
+
+    folder = export_dataset(args.folder, args.count, seed=args.seed, resolution=args.resolution)
+    print(f"wrote {args.count} scenes to {folder}")
+
+
 def run_train_textual_inversion(args: argparse.Namespace) -> None:
     from condkit.training.textual_inversion import TextualInversion
 
@@ -281,14 +320,16 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     """Shared by textual inversion and CoRe: validate, load, train, save the learned embedding."""
     from condkit.conditioning.clip import CLIPConditioner
     from condkit.embedded import load_pipeline
-    from condkit.training.image_folder import ImageFolder
-    from condkit.training.loop import TrainingConfig, make_accelerator, train
-
     from condkit.conditioning.embedding_formats import FORMATS, SINGLE_ENCODER_FORMATS
     from condkit.pipelines.output_folder import check_output_folder
+    from condkit.training.loop import TrainingConfig, make_accelerator, train
 
-    if not args.images or not args.initializer:
-        raise ValueError("--images and --initializer are required (on the command line or in --config)")
+    if args.images is not None:
+        if args.data is not None:
+            raise ValueError("--images and --data name the same thing; give one")
+        args.data = args.images
+    if (args.data is None and args.dataset is None) or not args.initializer:
+        raise ValueError("--data (or --images) or --dataset, and --initializer, are required (on the command line or in --config)")
     if args.save_format is not None and args.save_format not in FORMATS:
         raise ValueError(f"--save-format {args.save_format!r} is unknown; expected one of: {', '.join(FORMATS)}")
     check_output_folder(args.out, overwrite=True)  # a folder we can write (earlier runs are resumed or refused below)
@@ -296,7 +337,7 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     embedding_path = out / "learned_embeds.safetensors"
     if embedding_path.exists() and not args.resume:
         raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
-    dataset = ImageFolder(args.images)
+    dataset = _training_data(args, caption_required=False)  # images without a caption use the templates
     accelerator = make_accelerator(args.mixed_precision)
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32")
@@ -354,7 +395,10 @@ def run_train_adapter(args: argparse.Namespace) -> None:
     from condkit.training.adapter_runs import run_adapter_training
 
     check_output_folder(args.out, overwrite=True)
-    dataset = adapter_dataset(args.dataset_size, seed=args.seed)  # rendered at the pipeline's resolution
+    if args.data is not None or args.dataset is not None:
+        dataset = _training_data(args, caption_required=True)
+    else:
+        dataset = adapter_dataset(args.dataset_size, seed=args.seed)  # rendered at the pipeline's resolution
     folder = run_adapter_training(
         args.kind, args.out, model=args.model if args.model is not None else default_model(),
         language_model=args.language_model, projection=args.projection,
@@ -550,8 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         print(f"condkit: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    from condkit.pipelines.library_noise import drop_irrelevant_library_messages
     from condkit.verbosity import log_to_stderr, quiet
 
+    drop_irrelevant_library_messages()
     log_to_stderr()
     _interrupt_on_sigterm()
     if getattr(args, "quiet", False):

@@ -53,7 +53,8 @@ def log_to_stderr() -> None:
 
 
 def quiet() -> None:
-    """No progress bars anywhere; info from condkit and the libraries it drives silenced, warnings kept."""
+    """No progress bars anywhere; info from condkit and the libraries it drives (diffusers, transformers,
+    datasets) silenced, condkit's warnings kept."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -62,3 +63,9 @@ def quiet() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()

@@ -17,13 +17,14 @@ from condkit.conditioning.embeddings import load_embedding
 from condkit.pipelines.generate import image_grid
 from condkit.shapes_world.concepts import concept_images, save_concept_images
 from condkit.training.core import CoRe, test_time_optimize
-from condkit.training.image_folder import ImageFolder
+from condkit.training.data import folder_dataset
 from condkit.training.loop import TrainingConfig, train
 
 STEPS = int(os.environ.get("STEPS", 300))
 PROMPT = "<thing> to the left of a blue square"
 run_dir = tempfile.mkdtemp(prefix="condkit-core-")
-images = ImageFolder(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"))
+images = folder_dataset(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"),
+                        caption_required=False)  # no captions: the method's templates
 
 pipe = load_pipeline()
 clip = CLIPConditioner.from_pipeline(pipe)

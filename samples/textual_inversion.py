@@ -2,8 +2,9 @@
 
     python samples/textual_inversion.py            # ~2 min on 2 cores; writes outputs/textual-inversion.png
 
-Swap `concept_images(...)` for a folder of your own pictures (ImageFolder("my_photos/")) and
-`load_pipeline()` for a hub model to do the same on Stable Diffusion.
+Swap `concept_images(...)` for a folder of your own pictures (folder_dataset("my_photos/",
+caption_required=False); a same-name .txt caption that contains the placeholder is used as
+written) and `load_pipeline()` for a hub model to do the same on Stable Diffusion.
 """
 
 import os
@@ -16,13 +17,14 @@ from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.embeddings import load_embedding
 from condkit.pipelines.generate import image_grid
 from condkit.shapes_world.concepts import concept_images, save_concept_images
-from condkit.training.image_folder import ImageFolder
+from condkit.training.data import folder_dataset
 from condkit.training.loop import TrainingConfig, train
 from condkit.training.textual_inversion import TextualInversion
 
 STEPS = int(os.environ.get("STEPS", 300))
 run_dir = tempfile.mkdtemp(prefix="condkit-ti-")
-images = ImageFolder(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"))
+images = folder_dataset(save_concept_images(concept_images("large", "orange", "diamond"), f"{run_dir}/images"),
+                        caption_required=False)  # no captions: the method's templates
 
 pipe = load_pipeline()
 clip = CLIPConditioner.from_pipeline(pipe)

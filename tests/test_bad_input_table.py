@@ -62,7 +62,8 @@ CHOICE_CASES = [
     (["world", "train", "--scale", "huge"], "huge"),
     (["generate", "--data", "x"], "--data"),  # no abbreviation of --dtype or anything else
     (["generate", "--prompt", "x", "--prompt-file", "p.txt"], "--prompt-file"),
-    (["train", "adapter", "--kind", "projection", "--data", "5"], "--data"),  # never --dataset-size
+    (["train", "adapter", "--kind", "projection", "--data", "5"], "'5'"),  # a folder, never --dataset-size 5
+    (["train", "adapter", "--kind", "projection", "--dataset-siz", "5"], "--dataset-siz"),
     (["nope"], "nope"),
     (["train"], "METHOD"),
     (["generate", "--prompt"], "--prompt"),

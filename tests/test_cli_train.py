@@ -218,3 +218,44 @@ def test_quiet_keeps_the_warning_that_a_prompt_was_truncated(model_dir, tmp_path
     assert code == 0, captured.err
     assert "prompt truncated to 1 chunk(s) of 77 tokens: dropped" in captured.err
     assert "it/s" not in captured.err and "step/s" not in captured.err  # no progress bars
+
+
+def test_trainers_read_your_own_data(model_dir, tmp_path, capsys):
+    code, captured = run(capsys, "world", "export", tmp_path / "data", "--count", "6", "--resolution", "32", "--quiet")
+    assert code == 0, captured.err
+    code, captured = run(capsys, "train", "adapter", "--kind", "projection", "--model", model_dir, "--data", tmp_path / "data",
+                         "--steps", "2", "--batch-size", "2", "--out", tmp_path / "run", "--quiet")
+    assert code == 0, captured.err
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", tmp_path / "run" / "conditioner",
+                         "--prompt", "a red circle", "--steps", "1", "--out", tmp_path / "images", "--quiet")
+    assert code == 0, captured.err
+
+    concept = tmp_path / "concept"
+    concept.mkdir()
+    for index in range(2):
+        Image.new("RGB", (32, 32), (200, 20, 20)).save(concept / f"{index}.png")
+        (concept / f"{index}.txt").write_text("a photo of <c> on a table")
+    code, captured = run(capsys, "train", "textual-inversion", "--model", model_dir, "--data", concept, "--initializer", "red",
+                         "--placeholder", "<c>", "--max-train-steps", "1", "--train-batch-size", "2", "--out", tmp_path / "ti",
+                         "--quiet")
+    assert code == 0, captured.err and (tmp_path / "ti" / "learned_embeds.safetensors").is_file()
+
+
+ADAPTER = ["train", "adapter", "--kind", "projection", "--steps", "1"]
+TEXTUAL_INVERSION = ["train", "textual-inversion", "--initializer", "red"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*ADAPTER, "--data", "EMPTY"], "no images"),
+    ([*ADAPTER, "--dataset", "DATA", "--caption-column", "caption"], "its columns are: image, text, style"),
+    ([*ADAPTER, "--dataset", "DATA", "--streaming"], "max-items"),
+    ([*TEXTUAL_INVERSION, "--images", "EMPTY", "--data", "EMPTY"], "--images and --data name the same thing"),
+    ([*TEXTUAL_INVERSION, "--data", "EMPTY"], "no images"),
+])  # fmt: skip
+def test_bad_training_data_is_one_line(model_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    run(capsys, "world", "export", tmp_path / "data", "--count", "2", "--resolution", "32", "--quiet")
+    argv = [str(tmp_path / "empty") if a == "EMPTY" else str(tmp_path / "data") if a == "DATA" else a for a in argv]
+    code, captured = run(capsys, *argv, "--model", model_dir, "--out", tmp_path / "run", "--quiet")
+    assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert not (tmp_path / "run").exists()

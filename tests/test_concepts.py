@@ -5,7 +5,7 @@ import pytest
 from condkit.shapes_world.captions import parse_caption
 from condkit.shapes_world.concepts import concept_images, save_concept_images
 from condkit.shapes_world.scorer import score
-from condkit.training.image_folder import ImageFolder
+from condkit.training.data import folder_dataset
 
 
 def test_every_image_holds_exactly_the_concept(tmp_path):
@@ -14,7 +14,7 @@ def test_every_image_holds_exactly_the_concept(tmp_path):
     assert [score(image, spec)["all_correct"] for image in images] == [1.0] * 4
     assert len({image.tobytes() for image in images}) == 4
     folder = save_concept_images(images, tmp_path / "concept")
-    assert len(ImageFolder(folder)) == 4
+    assert len(folder_dataset(folder, caption_required=False)) == 4
 
 
 @pytest.mark.parametrize("size,colour,shape,message", [

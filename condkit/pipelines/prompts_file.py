@@ -15,7 +15,10 @@ def read_prompts_file(path: str | Path) -> list[PromptRequest]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompts file {str(file)!r} does not exist")
-    lines = file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # a UTF-8 byte-order mark is fine
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts file {str(file)!r} is not UTF-8 text (byte {error.start} cannot be read)") from None
     if file.suffix.lower() in (".jsonl", ".json"):
         requests = [_parse_json_line(file, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     else:

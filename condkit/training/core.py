@@ -4,8 +4,12 @@
     method = CoRe(conditioner, "<toy>", "teddy", num_vectors=1)
     config = TrainingConfig(output_dir="runs/core", max_train_steps=300, train_batch_size=6,
                             learning_rate=5e-3)
-    train(method, pipe.unet, pipe.vae, pipe.scheduler, ImageFolder("toy/"), config, conditioner=conditioner)
+    images = folder_dataset("toy/", caption_required=False)      # condkit.training.data
+    train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=conditioner)
     method.save_embedding("runs/core/learned_embeds.safetensors")
+
+Prompts are textual inversion's (`TextualInversion.prompts_for`): an image's caption when it
+contains the placeholder, used as written, else a template drawn from (seed, step, image index).
 
 Each step adds to textual inversion's denoising loss the two regularizers of `core_regularizers`
 on one regularization template, drawn from (seed, step) so a resumed run draws the same ones:

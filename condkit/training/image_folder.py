@@ -1,37 +1,22 @@
-"""A folder of training images as a dataset of (image, caption) pairs, validated up front."""
+"""Kept for compatibility: a folder of training images is now read by `condkit.training.data`.
+
+`ImageFolder(folder)` is `folder_dataset(folder, caption_required=False)`: every image in the
+folder (and its subfolders), sorted, with the captions of same-name .txt/.caption files or of a
+metadata.jsonl where there are any ("" where not), all decoded once up front to fail early.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-from PIL import Image, UnidentifiedImageError
+from .data import IMAGE_SUFFIXES, TrainingData, folder_dataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder"]
 
 
-class ImageFolder:
-    """Every image directly inside `folder`, sorted by name; all are opened once to fail early."""
-
-    def __init__(self, folder: str | Path, caption: str = "") -> None:
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.folder)!r} does not exist")
-        self.paths = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise ValueError(f"no images found in {str(self.folder)!r}; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
-        self.caption = caption
-        self.images = [self._open(path) for path in self.paths]
-
-    @staticmethod
-    def _open(path: Path) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        return self.images[index], self.caption
+def ImageFolder(folder: str | os.PathLike, caption: str = "") -> TrainingData:  # noqa: N802 - the old class name
+    """The folder's images; `caption` stands in for a missing caption (default "": textual inversion's templates)."""
+    data = folder_dataset(folder, caption_required=False)
+    if caption:
+        data = TrainingData(data.source, data._entries, [text or caption for text in data.captions], data.skipped)
+    return data

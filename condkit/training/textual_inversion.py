@@ -9,10 +9,20 @@ SDXL (both encoders, pooled output and time ids) train through one code path:
     conditioner = CLIPConditioner.from_pipeline(pipe)
     method = TextualInversion(conditioner, "<toy>", "teddy")
     train(method, pipe.unet, pipe.vae, pipe.scheduler, images, config, conditioner=conditioner)
+
+Prompts: an image whose caption contains the placeholder (as the tokenizer reads it: "<toy>" in
+"a photo of <toy> on a beach") is trained on that caption as written (a multi-vector placeholder
+is expanded by the conditioner, as at inference). Every other image — no caption, or a caption
+without the placeholder, which could not train the new rows — gets a template ("a photo of <toy>"),
+drawn from (seed, step, image index) so a resumed run draws the same; captions without the
+placeholder are logged once as a warning. `uses_caption(caption)` says which rule applies, e.g. to
+count a dataset's captions before training. Load folders or datasets with captions through
+`condkit.training.data` (`folder_dataset(path, caption_required=False)`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -38,6 +48,8 @@ STYLE_TEMPLATES = (
     "a flat illustration in the style of {}", "a sketch in the style of {}", "a poster in the style of {}",
 )
 TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+logger = logging.getLogger(__name__)
 
 
 class NewTokenEmbedding(nn.Module):
@@ -118,6 +130,9 @@ class TextualInversion(TrainingMethod):
                         "choose a new one, e.g. '<my-thing>'"
                     )
         self.embeddings = nn.ModuleList()
+        self._tokenizer = conditioner.tokenizers[0]  # finds the placeholder in captions (uses_caption)
+        self._caption_uses: dict[str, bool] = {}
+        self._warned_unused_caption = False
         for tokenizer, encoder in zip(conditioner.tokenizers, conditioner.text_encoders):
             rows = initializer_vector(tokenizer, encoder, initializer).repeat(num_vectors, 1)
             encoder.requires_grad_(False)
@@ -133,11 +148,31 @@ class TextualInversion(TrainingMethod):
     def expanded_placeholder(self) -> str:
         return " ".join(self.tokens)
 
+    def uses_caption(self, caption: str | None) -> bool:
+        """True when `caption` contains the placeholder token, so an image with it trains on it as written."""
+        if not caption:
+            return False
+        if caption not in self._caption_uses:
+            placeholder_id = self._tokenizer.convert_tokens_to_ids(self.placeholder)
+            ids = self._tokenizer(caption, add_special_tokens=False, verbose=False).input_ids
+            self._caption_uses[caption] = placeholder_id in ids
+        return self._caption_uses[caption]
+
     def prompts_for(self, batch: TrainingBatch) -> list[str]:
-        """A template per image, drawn from (seed, step, image index) so resumed runs draw the same."""
+        """Each image's caption if it contains the placeholder, else a template drawn from (seed, step, image index)."""
         templates = TEMPLATE_SETS[self.template_set]
         chosen = []
-        for index in batch.indices.tolist():
+        for position, index in enumerate(batch.indices.tolist()):
+            caption = batch.captions[position] if position < len(batch.captions) else ""
+            if self.uses_caption(caption):
+                chosen.append(caption)
+                continue
+            if caption and not self._warned_unused_caption:
+                self._warned_unused_caption = True
+                logger.warning(
+                    "captions without the placeholder %r are not used (first: %r); those images train on the templates",
+                    self.placeholder, caption[:80],
+                )
             rng = np.random.default_rng([self.seed, batch.step, index])
             chosen.append(templates[rng.integers(len(templates))].format(self.expanded_placeholder()))
         return chosen
