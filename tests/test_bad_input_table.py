@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from condkit.cli import main
@@ -172,7 +171,6 @@ def file_cases(folder, model_dir) -> list[tuple[list[str], str]]:
 def test_bad_files_and_values_that_need_loading(capsys, tmp_path, monkeypatch, model_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
     failures = []
     for argv, value in file_cases(tmp_path, model_dir):
         try:

@@ -14,7 +14,7 @@ from condkit.training.attention_probe import RecordingCrossAttentionProcessor, p
 from condkit.training.core import REGULARIZATION_TEMPLATES, CoRe
 from condkit.training.core_regularizers import align_context
 from condkit.training.core_templates import SHAPES_WORLD
-from condkit.training.loop import TrainingConfig, train
+from condkit.training.loop import TrainingConfig
 from condkit.training.textual_inversion import TextualInversion
 from training_helpers import clip, train_with_clip
 from tiny_models import byte_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -22,14 +22,6 @@ from tiny_models import byte_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
 # In the tiny byte-level tokenizer every character is a token, so "o" is a one-token category word.
 ONE_TOKEN_CATEGORY = "o"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models gain nothing from a second thread; on shared, busy cores it costs a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def squares(n: int = 4) -> list[tuple[Image.Image, str]]:

@@ -31,12 +31,8 @@ datasets = pytest.importorskip("datasets")
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """One torch thread (shared cores, tiny models) and a datasets cache inside the test's folder."""
+    """A datasets cache inside the test's folder."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def colour(index: int) -> tuple[int, int, int]:

@@ -22,14 +22,6 @@ SMALL = dict(text_dim=LM_WIDTH, width=32, num_latents=8, num_heads=4, num_blocks
 TINY_STEPS = dict(num_inference_steps=2, height=32, width=32, output_type="np")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test machine's two cores are shared; tiny models run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def released_sd15_layout() -> dict[str, tuple[int, ...]]:
     """ella-sd1.5-tsc-t5xl.safetensors, key by key, as documented (not derived from our module)."""

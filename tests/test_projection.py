@@ -13,14 +13,6 @@ WIDTH = 32  # the tiny SD text encoder's hidden size
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test machine's two cores are shared; tiny models run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sd():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condkit.training.loop import TrainingConfig, train
+from condkit.training.loop import TrainingConfig
 from condkit.training.textual_inversion import NewTokenEmbedding, TextualInversion, placeholder_tokens
 from training_helpers import clip, train_with_clip
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline

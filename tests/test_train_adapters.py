@@ -12,7 +12,7 @@ from condkit.conditioning.clip import CLIPConditioner
 from condkit.conditioning.concat import ConcatConditioner
 from condkit.conditioning.ella_connector import TimestepAwareConnector
 from condkit.conditioning.llm_adapter import LLMAdapterConditioner, hidden_state_model
-from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP, load_projection
+from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP
 from condkit.pipelines.attach import attach
 from condkit.conditioning.registry import load_conditioner
 from condkit.shapes_world.dataset import adapter_dataset
@@ -26,14 +26,6 @@ from tiny_models import byte_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
 LM_WIDTH = 24
 CAPTIONS = ["a red circle", "a blue square left of a green triangle", "two yellow stars"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The test machine's two cores are shared; tiny models run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_language_model(seed: int = 0) -> BertModel:

@@ -30,15 +30,6 @@ STEPS = 6
 CHECKPOINT_EVERY = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models gain nothing from a second thread; on shared, busy cores it costs ~20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parts() -> dict:
     return tiny_sd_components(0)

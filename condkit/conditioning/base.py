@@ -31,6 +31,7 @@ from condkit.conditioning.pipeline_fit import check_output_fits, conditioner_out
 from condkit.files import write_folder_atomically
 
 CONFIG_NAME = "conditioner_config.json"
+Prompt = str | list[str]  # one prompt, or one per image of the batch
 
 
 @dataclass
@@ -86,20 +87,10 @@ class Conditioner(nn.Module):
     # Whether encode() gives exactly the tensors of the pipeline's own encode_prompt (no weights, one chunk).
     reproduces_pipeline_prompts: ClassVar[bool] = False
 
-    def embed(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         raise NotImplementedError
 
-    def encode(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def encode(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         """`embed` without gradients: what a pipeline call needs."""
         with torch.no_grad():
             return self.embed(prompt, negative_prompt, num_images_per_prompt)

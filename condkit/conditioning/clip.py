@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from condkit.conditioning.base import Conditioner, Conditioning, as_negative_list, as_prompt_list
+from condkit.conditioning.base import Conditioner, Conditioning, Prompt, as_negative_list, as_prompt_list
 from condkit.conditioning.registry import register_conditioner
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
 from condkit.conditioning.embeddings import expand_prompt
@@ -144,12 +144,7 @@ class CLIPConditioner(Conditioner):
             raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to wrap")
         return cls(tokenizers, encoders, **options)
 
-    def embed(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         prompts = as_prompt_list(prompt)
         negatives = as_negative_list(negative_prompt, len(prompts))
         zero_negative = negatives is None and self.zero_empty_negative

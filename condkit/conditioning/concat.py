@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.base import Conditioner, Conditioning, Prompt
 from condkit.conditioning.features import plain
 from condkit.conditioning.registry import load_conditioner, register_conditioner
 
@@ -124,12 +124,7 @@ class ConcatConditioner(Conditioner):
     def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
         return {"first": Conditioner.from_pretrained(folder / "first", pipe), "second": Conditioner.from_pretrained(folder / "second", pipe)}
 
-    def embed(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         a = self.first.embed(prompt, negative_prompt, num_images_per_prompt)
         b = self.second.embed(prompt, negative_prompt, num_images_per_prompt)
         join = pack if self.timestep_aware else self._concatenate

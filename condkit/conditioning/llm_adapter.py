@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from condkit.conditioning.base import Conditioner, Conditioning, as_negative_list, as_prompt_list
+from condkit.conditioning.base import Conditioner, Conditioning, Prompt, as_negative_list, as_prompt_list
 from condkit.conditioning.features import plain
 from condkit.conditioning.ella_connector import TimestepAwareConnector, load_ella_checkpoint, padding_mask
 from condkit.conditioning.pipeline_fit import pipeline_input
@@ -257,12 +257,7 @@ class LLMAdapterConditioner(Conditioner):
     def load_parts(cls, folder: Path, pipe: Any) -> dict[str, Any]:
         return {"connector": load_connector(folder / "connector")}
 
-    def embed(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         prompts = as_prompt_list(prompt)
         negatives = as_negative_list(negative_prompt, len(prompts)) or [""] * len(prompts)
         distinct = list(dict.fromkeys(prompts + negatives))

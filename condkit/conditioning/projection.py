@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.base import Conditioner, Conditioning, Prompt
 from condkit.conditioning.features import plain
 from condkit.conditioning.pipeline_fit import conditioner_output
 from condkit.conditioning.registry import register_conditioner
@@ -179,12 +179,7 @@ class ProjectedConditioner(Conditioner):
             "projection": load_projection(folder / "projection"),
         }
 
-    def embed(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-    ) -> Conditioning:
+    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         """The wrapped conditioner's Conditioning, each embeddings row followed by one marker token."""
         plain = self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt)
         if plain.prompt_embeds.shape[-1] != self.projection.config.dim:
