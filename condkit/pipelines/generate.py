@@ -17,11 +17,11 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from condkit.conditioning.base import Conditioner
+from condkit.conditioning.base import Conditioner, Conditioning
 from condkit.files import write_atomically
 from condkit.pipelines.attach import attach
-from condkit.verbosity import progress_bar
 from condkit.pipelines.output_folder import check_writable
+from condkit.verbosity import progress_bar
 
 
 @dataclass
@@ -80,47 +80,68 @@ def generate(
     settings: GenerationSettings | None = None,
     **pipeline_kwargs: Any,
 ) -> list[GeneratedImage]:
-    """Generate one image per request and copy; extra keyword arguments go to the pipeline call."""
+    """Generate one image per request and copy; extra keyword arguments go to the pipeline call.
+
+    An image depends only on its own prompt, negative, seed and settings: each prompt is encoded on
+    its own, and a pipeline call only batches images whose conditioning has the same shape, so no
+    prompt is padded to a batch-mate's length (the UNet attends to padding).
+    """
     settings = settings or GenerationSettings()
     jobs = expand_requests(requests, settings)
     if not jobs:
         raise ValueError("no prompts to generate")
     device = pipe._execution_device
-    results: list[GeneratedImage] = []
-    batches = -(-len(jobs) // settings.batch_size)
-    bar = progress_bar(total=batches * settings.steps, desc="generating", unit="step")  # a step denoises a batch
+    encoded: dict[tuple[str, str | None], Conditioning] = {}
+    for job in jobs:
+        key = (job.prompt, job.negative_prompt)
+        if key not in encoded:
+            encoded[key] = conditioner.encode(job.prompt, job.negative_prompt)
+    batches = batches_of_equal_shape([encoded[(job.prompt, job.negative_prompt)] for job in jobs], settings.batch_size)
+    images: dict[int, Image.Image] = {}
+    bar = progress_bar(total=len(batches) * settings.steps, desc="generating", unit="step")  # a step denoises a batch
 
     def advance(_pipe, step, timestep, callback_kwargs):
         latents = callback_kwargs.get("latents")
         if latents is not None and not torch.isfinite(latents).all():
             raise FloatingPointError(
                 f"the latents became non-finite at denoising step {step + 1} (timestep {int(timestep)}) of the batch starting "
-                f"with {batch[0].prompt[:60]!r}; nothing was written (lower --guidance or a prompt weight, or use float32)"
+                f"with {jobs[batch[0]].prompt[:60]!r}; nothing was written (lower --guidance or a prompt weight, or use float32)"
             )
         bar.update(1)
         return callback_kwargs
 
     with attach(pipe, conditioner), bar:
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start : start + settings.batch_size]
-            negatives = None
-            if any(job.negative_prompt is not None for job in batch):
-                negatives = [job.negative_prompt or "" for job in batch]
-            with torch.no_grad():
-                conditioning = conditioner.encode([job.prompt for job in batch], negatives)
-            generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
-            images = pipe(
+        for batch in batches:
+            conditioning = concatenate([encoded[(jobs[i].prompt, jobs[i].negative_prompt)] for i in batch])
+            output = pipe(
                 **conditioning.to(device).kwargs(),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=settings.height,
                 width=settings.width,
-                generator=generators,
+                generator=[torch.Generator(device="cpu").manual_seed(jobs[i].seed) for i in batch],
                 callback_on_step_end=advance,
                 **pipeline_kwargs,
-            ).images
-            results += [GeneratedImage(image, job.prompt, job.negative_prompt, job.seed) for job, image in zip(batch, images)]
-    return results
+            )
+            images.update(zip(batch, output.images))
+    return [GeneratedImage(images[i], job.prompt, job.negative_prompt, job.seed) for i, job in enumerate(jobs)]
+
+
+def batches_of_equal_shape(conditionings: list[Conditioning], batch_size: int) -> list[list[int]]:
+    """Indices of `conditionings` in batches of at most `batch_size` whose tensors have equal shapes,
+    each batch in order, groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for index, conditioning in enumerate(conditionings):
+        key = tuple((name, tuple(tensor.shape)) for name, tensor in conditioning.tensors().items())
+        groups.setdefault(key, []).append(index)
+    return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+
+
+def concatenate(conditionings: list[Conditioning]) -> Conditioning:
+    """One Conditioning holding the rows of several of equal shapes, in order."""
+    first = conditionings[0]
+    tensors = {name: torch.cat([c.tensors()[name] for c in conditionings]) for name in first.tensors()}
+    return Conditioning(**tensors, needs_attach=first.needs_attach)
 
 
 def describe_run(pipe: Any, conditioner_name: str, model_name: str, settings: GenerationSettings) -> dict[str, Any]:
