@@ -33,6 +33,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a conditioner name (see --list-conditioners) or a folder saved by a conditioner's save_pretrained "
                              "(e.g. runs/adapter/conditioner from `condkit train adapter`) (default: clip)")
     parser.add_argument("--clip-skip", type=non_negative_int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
+    parser.add_argument("--emphasis", default=None, choices=("original", "no_norm", "ignore", "none"),
+                        help="A1111 emphasis mode for (word:1.3) weights: original (multiply, keep the chunk mean; default), "
+                             "no_norm (multiply only), ignore (weights 1), none (brackets are text)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="option for the conditioner, e.g. --opt pad_token=zero --opt text_encoder_path=DIR; with a saved "
                              "folder, overrides its saved option (repeatable)")
@@ -233,7 +236,7 @@ def run_generate(args: argparse.Namespace) -> None:
         print("\n".join(available_conditioners()))
         return
     requests = _requests_from_args(args, PromptRequest, read_prompts_file)
-    _check_prompts(requests)
+    _check_prompts(requests, args.emphasis)
     settings = GenerationSettings(
         steps=args.steps, guidance=args.guidance, seed=args.seed, num_images_per_prompt=args.num_images,
         batch_size=args.batch_size, height=args.height, width=args.width,
@@ -489,6 +492,8 @@ def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
     options: dict[str, Any] = {"clip_skip": args.clip_skip} if args.clip_skip is not None else {}
+    if args.emphasis is not None:
+        options["emphasis"] = args.emphasis
     for pair in args.opt:
         key, separator, value = pair.partition("=")
         if not separator or not key.isidentifier():
@@ -534,14 +539,14 @@ def _read_embeddings(values: list[str]) -> list[Any]:
     return embeddings
 
 
-def _check_prompts(requests: list[Any]) -> None:
+def _check_prompts(requests: list[Any], emphasis: str | None) -> None:
     """Refuse, before anything loads, a prompt or negative the conditioners would refuse (see prompt_syntax)."""
-    from condkit.conditioning.prompt_syntax import parse_prompt
+    from condkit.conditioning.chunking import prompt_runs
 
     for request in requests:
         for text in (request.prompt, request.negative_prompt):
             if text is not None:
-                parse_prompt(text, strict=True)
+                prompt_runs(text, parse_emphasis=emphasis != "none")
 
 
 def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any]) -> Any:
@@ -555,11 +560,15 @@ def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[An
 
 
 def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, embeddings: list[Any]) -> dict[str, Any]:
-    """What the metadata JSON says about the run: model, conditioner, settings, and the --embedding values by token."""
+    """What the metadata JSON says about the run: model, conditioner and its options, settings, and the --embedding
+    values by token."""
     from condkit.embedded import NAME
     from condkit.pipelines.generate import describe_run
 
     run = describe_run(pipe, label, args.model or NAME, settings)
+    options = _conditioner_options(args)
+    if options:
+        run["conditioner_options"] = options
     if embeddings:
         run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
     return run

@@ -259,3 +259,16 @@ def test_bad_training_data_is_one_line(model_dir, tmp_path, capsys, argv, messag
     code, captured = run(capsys, *argv, "--model", model_dir, "--out", tmp_path / "run", "--quiet")
     assert code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
     assert not (tmp_path / "run").exists()
+
+
+def test_emphasis_mode_from_the_cli(model_dir, tmp_path, capsys):
+    prompt = ["--prompt", "a (red:1000) circle", "--steps", "1", "--quiet"]
+    code, captured = run(capsys, "generate", "--model", model_dir, *prompt, "--out", tmp_path / "a")
+    assert code == 2 and "1000" in captured.err  # a weight past ±100 is refused when brackets are syntax
+    code, captured = run(capsys, "generate", "--model", model_dir, *prompt, "--emphasis", "none", "--out", tmp_path / "b")
+    assert code == 0, captured.err  # ...and is plain text with --emphasis none
+    metadata = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert metadata["conditioner"] == "clip" and metadata["conditioner_options"] == {"emphasis": "none"}
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", "llm-adapter", "--opt", "connector=new",
+                         "--emphasis", "none", "--prompt", "x", "--out", tmp_path / "c", "--quiet")
+    assert code == 2 and "has no option" in captured.err and "emphasis" in captured.err

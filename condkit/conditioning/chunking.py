@@ -10,6 +10,12 @@ phrase is not cut in half.
 Prompts are parsed strictly (`parse_prompt(prompt, strict=True)`): a prompt with a surrogate or
 control character, a weight out of range or brackets nested too deep is refused with a one-line
 ValueError before anything is tokenized (the policy is in `prompt_syntax`'s module docstring).
+
+With parse_emphasis=False (A1111's "None" emphasis) the prompt is not parsed at all: it is one run
+of weight 1 tokenized as written, so brackets, ":1.3", backslashes and BREAK are literal text, as
+in A1111, where that mode tokenizes the whole line (`parsed = [[line, 1.0]]`) and BREAK, which its
+emphasis parser splits out, is never seen. Only the character check (surrogates, control
+characters) still applies; weight and nesting bounds concern parsed syntax and do not.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from condkit.conditioning.prompt_syntax import parse_prompt
+from condkit.conditioning.prompt_syntax import WeightedRun, check_prompt_characters, parse_prompt
 
 COMMA_BACKTRACK = 20
 
@@ -36,10 +42,25 @@ class TokenChunks:
         return self.input_ids.shape[0]
 
 
-def chunk_prompt(tokenizer, prompt: str, window: int | None = None) -> TokenChunks:
+def prompt_runs(prompt: str, *, parse_emphasis: bool = True) -> list[WeightedRun]:
+    """The weighted runs a prompt is tokenized from: strict A1111 parsing, or with
+    parse_emphasis=False the whole prompt as one literal run of weight 1 (after the character check).
+
+    Raises ValueError (one line) for a prompt that is refused (see `prompt_syntax`).
+    """
+    if parse_emphasis:
+        return parse_prompt(prompt, strict=True)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}: {prompt!r}")
+    check_prompt_characters(prompt)
+    return [WeightedRun(prompt, 1.0)]
+
+
+def chunk_prompt(tokenizer, prompt: str, window: int | None = None, *, parse_emphasis: bool = True) -> TokenChunks:
     """Tokenize an A1111-syntax prompt into BOS…EOS-wrapped chunks of `window` tokens.
 
-    Raises ValueError (one line) for a prompt that strict parsing refuses (see `prompt_syntax`).
+    parse_emphasis=False tokenizes the prompt as written (A1111's "None" emphasis; see the module
+    docstring). Raises ValueError (one line) for a prompt that is refused (see `prompt_syntax`).
     """
     window = window or tokenizer.model_max_length
     capacity = window - 2
@@ -55,7 +76,7 @@ def chunk_prompt(tokenizer, prompt: str, window: int | None = None) -> TokenChun
         chunks.append((tokens, weights))
         tokens, weights, last_comma = [], [], -1
 
-    for run in parse_prompt(prompt, strict=True):
+    for run in prompt_runs(prompt, parse_emphasis=parse_emphasis):
         if run.is_break:
             close_chunk()
             continue

@@ -3,9 +3,18 @@
 Prompts use A1111 syntax — "(word:1.3)", "(word)", "[word]", BREAK — and may be longer than one
 window: they are split into 75-token chunks (see `chunking`), each encoded on its own and
 concatenated along the token axis, the way AUTOMATIC1111 does. Weights are applied as A1111's
-"original" emphasis: hidden states are multiplied by their token's weight, then rescaled so each
-chunk keeps its mean. With no weights and one chunk the tensors are bit-identical to the pipeline's
-own `encode_prompt`.
+emphasis option (`emphasis=`, the modes of its sd_emphasis.py):
+
+- "original" (A1111 "Original", the default): hidden states are multiplied by their token's
+  weight, then rescaled so each chunk keeps its mean.
+- "no_norm" ("No norm", which A1111 notes seems to work better for SDXL): multiplied, not rescaled.
+- "ignore" ("Ignore"): the syntax is parsed (brackets and ":1.3" are removed from the text, BREAK
+  still breaks) but every weight is 1, so "a (red:1.5) [circle]" encodes as "a red circle".
+- "none" ("None"): no parsing at all; the prompt is tokenized as written, so "(red:1.3)" is
+  that text, brackets and all, and "BREAK" is the word, not a chunk break: A1111's "None" mode
+  tokenizes the whole line as one run and BREAK is split out only by its emphasis parser.
+
+With no weights and one chunk the tensors are bit-identical to the pipeline's own `encode_prompt`.
 
 Layers, as diffusers reads them:
 - SD: last_hidden_state; with clip_skip=k, final_layer_norm(hidden_states[-(k + 1)]).
@@ -34,8 +43,30 @@ from condkit.conditioning.prompt_syntax import check_prompt_characters
 logger = logging.getLogger(__name__)
 
 
-def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 "original" emphasis on (..., tokens, dim) states with (..., tokens) weights.
+EMPHASIS_MODES: tuple[str, ...] = ("original", "no_norm", "ignore", "none")
+"""The `emphasis=` values; A1111's display names "Original", "No norm", "Ignore", "None" are accepted too."""
+_EMPHASIS_ALIASES = {**{mode: mode for mode in EMPHASIS_MODES}, "no norm": "no_norm"}
+
+
+def normalize_emphasis(value: Any) -> str:
+    """An `emphasis=` value as one of EMPHASIS_MODES: the identifier or A1111's display name, any case.
+
+    Raises ValueError (one line, listing the choices) for anything else, Python's None included.
+    """
+    mode = _EMPHASIS_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
+    if mode is None:
+        raise ValueError(
+            f"emphasis must be one of {', '.join(map(repr, EMPHASIS_MODES))} "
+            f"(or A1111's 'Original', 'No norm', 'Ignore', 'None'), got {value!r}"
+        )
+    return mode
+
+
+def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = "original") -> torch.Tensor:
+    """A1111 emphasis on (..., tokens, dim) states with (..., tokens) weights; "original" by default.
+
+    "no_norm" multiplies each chunk by its weights, in float32 or wider, and stops there; "ignore"
+    and "none" return the states untouched (their weights are all 1 anyway). The rest is "original".
 
     Each chunk is multiplied by its weights and rescaled to its original mean; chunks whose
     weights are all 1 are returned untouched (bit for bit).
@@ -51,12 +82,17 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     wider (its multipliers are float32, which promotes float16 states), and cast back, saturated to
     the dtype's finite range. Finite states and finite weights thus always give finite output.
     """
+    emphasis = normalize_emphasis(emphasis)
     weighted_chunks = (weights != 1.0).any(dim=-1)
-    if not weighted_chunks.any():
+    if emphasis in ("ignore", "none") or not weighted_chunks.any():
         return hidden
     chunk_dims, noise_ulps = (-2, -1), 8
     compute = torch.promote_types(hidden.dtype, torch.float32)
     states = hidden.to(compute)
+    largest = torch.finfo(hidden.dtype).max
+    if emphasis == "no_norm":  # A1111: z * multipliers (float32 multipliers, so float16 states are promoted)
+        scaled = (states * weights.unsqueeze(-1).to(compute)).clamp(-largest, largest).to(hidden.dtype)
+        return torch.where(weighted_chunks[..., None, None], scaled, hidden)
     original_mean = states.mean(dim=chunk_dims, keepdim=True)
     scaled = states * weights.unsqueeze(-1).to(compute)
     new_mean = scaled.mean(dim=chunk_dims, keepdim=True)
@@ -68,7 +104,6 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         & torch.isfinite(factor)
     )  # comparisons with NaN or inf means are False, so those chunks are not rescaled either
     scaled = scaled * torch.where(rescalable, factor, torch.ones_like(factor))
-    largest = torch.finfo(hidden.dtype).max
     scaled = scaled.clamp(-largest, largest).to(hidden.dtype)
     return torch.where(weighted_chunks[..., None, None], scaled, hidden)
 
@@ -89,9 +124,11 @@ class CLIPConditioner(Conditioner):
             states end at the smallest multiple of N that holds the longest prompt of the batch
             (positive and negative), as tokenizers' pad_to_multiple_of does. The kept states are
             exactly those of the whole window; the UNet just sees fewer padding positions.
+        emphasis: "original" (default), "no_norm", "ignore" or "none", as A1111's emphasis option
+            (see the module docstring); A1111's display names ("No norm", ...) are accepted.
     """
 
-    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of")
+    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of", "emphasis")
     reproduces_pipeline_prompts = True
 
     def __init__(
@@ -104,8 +141,10 @@ class CLIPConditioner(Conditioner):
         max_chunks: int | None = None,
         window: int | None = None,
         pad_to_multiple_of: int | None = None,
+        emphasis: str = "original",
     ) -> None:
         super().__init__()
+        emphasis = normalize_emphasis(emphasis)
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
             raise ValueError(
                 f"expected one (SD) or two (SDXL) tokenizer/text-encoder pairs, got {len(tokenizers)} tokenizers "
@@ -126,6 +165,7 @@ class CLIPConditioner(Conditioner):
         if pad_to_multiple_of is not None and not 1 <= pad_to_multiple_of <= self.window:
             raise ValueError(f"pad_to_multiple_of must be between 1 and the window ({self.window}) or None, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.emphasis = emphasis
 
     @property
     def is_sdxl(self) -> bool:
@@ -176,13 +216,26 @@ class CLIPConditioner(Conditioner):
         )
 
     def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
-        """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …"."""
+        """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …".
+
+        Under "none" emphasis the text is tokenized as written; under "ignore" it is parsed, then
+        every weight is set to 1.
+        """
         for text in texts:
             check_prompt_characters(text)  # before a tokenizer sees them: expand_prompt tokenizes the raw text
-        return [
-            [self._limit(chunk_prompt(tok, expand_prompt(text, tok), self.window), text) for text in texts]
+        parse = self.emphasis != "none"
+        groups = [
+            [
+                self._limit(chunk_prompt(tok, expand_prompt(text, tok), self.window, parse_emphasis=parse), text)
+                for text in texts
+            ]
             for tok in self.tokenizers
         ]
+        if self.emphasis == "ignore":
+            groups = [
+                [TokenChunks(c.input_ids, torch.ones_like(c.weights), c.n_content_tokens) for c in group] for group in groups
+            ]
+        return groups
 
     def _limit(self, chunks: TokenChunks, text: str) -> TokenChunks:
         if self.max_chunks is None or chunks.n_chunks <= self.max_chunks:
@@ -224,7 +277,7 @@ class CLIPConditioner(Conditioner):
             weights = torch.stack([c.weights for c in group]).to(encoder.device)
             output = encoder(ids, output_hidden_states=self.is_sdxl or self.clip_skip is not None)
             states = self._select_layer(encoder, output).view(len(group), n_chunks, self.window, -1)
-            states = apply_emphasis(states, weights)
+            states = apply_emphasis(states, weights, self.emphasis)
             hidden_parts.append(states.reshape(len(group), n_chunks * self.window, -1))
             if getattr(output, "text_embeds", None) is not None:
                 pooled = output.text_embeds.view(len(group), n_chunks, -1)[:, 0]

@@ -135,7 +135,7 @@ class LongCLIPConditioner(CLIPConditioner):
     Args:
         tokenizers, text_encoders: as CLIPConditioner; every encoder must accept the same number of
             positions (stretched or converted Long-CLIP models).
-        clip_skip, zero_empty_negative: as CLIPConditioner.
+        clip_skip, zero_empty_negative, emphasis: as CLIPConditioner.
         max_chunks: None (default) splits long prompts into several windows; 1 truncates at one
             window with a warning naming the number of dropped tokens.
         pad_to_multiple_of: 77 (default) returns the last window's states only up to the smallest
@@ -149,7 +149,9 @@ class LongCLIPConditioner(CLIPConditioner):
     stretched again from the pipeline's on load.
     """
 
-    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "pad_to_multiple_of", "keep", "ratio", "pad_token")
+    config_names = (
+        "clip_skip", "zero_empty_negative", "max_chunks", "pad_to_multiple_of", "emphasis", "keep", "ratio", "pad_token",
+    )  # fmt: skip
     reproduces_pipeline_prompts = False
     keep: int = LONG_CLIP_KEEP
     ratio: int = LONG_CLIP_RATIO
@@ -165,6 +167,7 @@ class LongCLIPConditioner(CLIPConditioner):
         zero_empty_negative: bool = False,
         max_chunks: int | None = None,
         pad_to_multiple_of: int | None = CLIP_POSITIONS,
+        emphasis: str = "original",
     ) -> None:
         windows = sorted({position_count(encoder) for encoder in text_encoders})
         if len(windows) > 1:
@@ -177,6 +180,7 @@ class LongCLIPConditioner(CLIPConditioner):
             max_chunks=max_chunks,
             window=windows[0] if windows else None,
             pad_to_multiple_of=pad_to_multiple_of,
+            emphasis=emphasis,
         )
 
     @classmethod
