@@ -29,6 +29,9 @@ here clip_skip applies to both, as in A1111, so positive and negative come from 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -108,6 +111,23 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = 
     return torch.where(weighted_chunks[..., None, None], scaled, hidden)
 
 
+@contextmanager
+def scaled_lora_layers(encoders: Iterable[nn.Module], scale: float | None) -> Iterator[None]:
+    """Within the block, the peft LoRA layers of `encoders` run at `scale` (diffusers' scale_lora_layers)."""
+    if scale is None:
+        yield
+        return
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    for encoder in encoders:
+        scale_lora_layers(encoder, scale)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            unscale_lora_layers(encoder, scale)
+
+
 @register_conditioner("clip")
 class CLIPConditioner(Conditioner):
     """Prompt → CLIP hidden states for SD1.x/2.x (one encoder) or SDXL (two encoders + pooled).
@@ -126,9 +146,11 @@ class CLIPConditioner(Conditioner):
             exactly those of the whole window; the UNet just sees fewer padding positions.
         emphasis: "original" (default), "no_norm", "ignore" or "none", as A1111's emphasis option
             (see the module docstring); A1111's display names ("No norm", ...) are accepted.
+        lora_scale: the scale of LoRA layers loaded into the text encoders (peft), applied while
+            encoding exactly as the pipeline's `encode_prompt(lora_scale=...)`; None leaves them as they are.
     """
 
-    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of", "emphasis")
+    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of", "emphasis", "lora_scale")
     reproduces_pipeline_prompts = True
 
     def __init__(
@@ -142,6 +164,7 @@ class CLIPConditioner(Conditioner):
         window: int | None = None,
         pad_to_multiple_of: int | None = None,
         emphasis: str = "original",
+        lora_scale: float | None = None,
     ) -> None:
         super().__init__()
         emphasis = normalize_emphasis(emphasis)
@@ -166,6 +189,9 @@ class CLIPConditioner(Conditioner):
             raise ValueError(f"pad_to_multiple_of must be between 1 and the window ({self.window}) or None, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.emphasis = emphasis
+        if lora_scale is not None and not math.isfinite(lora_scale):
+            raise ValueError(f"lora_scale must be a finite number or None, got {lora_scale}")
+        self.lora_scale = lora_scale
 
     @property
     def is_sdxl(self) -> bool:
@@ -185,6 +211,10 @@ class CLIPConditioner(Conditioner):
         return cls(tokenizers, encoders, **options)
 
     def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
+        with scaled_lora_layers(self.text_encoders, self.lora_scale):
+            return self._embed(prompt, negative_prompt, num_images_per_prompt)
+
+    def _embed(self, prompt: Prompt, negative_prompt: Prompt | None, num_images_per_prompt: int) -> Conditioning:
         prompts = as_prompt_list(prompt)
         negatives = as_negative_list(negative_prompt, len(prompts))
         zero_negative = negatives is None and self.zero_empty_negative
