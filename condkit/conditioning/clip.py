@@ -111,6 +111,20 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: str = 
     return torch.where(weighted_chunks[..., None, None], scaled, hidden)
 
 
+def has_projection(text_encoder: nn.Module) -> bool:
+    """A CLIPTextModelWithProjection (SDXL's second encoder), whose text_embeds are the pooled vector."""
+    return hasattr(text_encoder, "text_projection")
+
+
+def pipeline_text_encoders(pipe: Any) -> tuple[list[Any], list[nn.Module]]:
+    """The (tokenizers, text encoders) a StableDiffusion(XL) pipeline has: SD one, SDXL two, the SDXL refiner its second."""
+    pairs = [(getattr(pipe, f"tokenizer{suffix}", None), getattr(pipe, f"text_encoder{suffix}", None)) for suffix in ("", "_2")]
+    pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+    if not pairs:
+        raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to wrap")
+    return [tokenizer for tokenizer, _ in pairs], [encoder for _, encoder in pairs]
+
+
 @contextmanager
 def scaled_lora_layers(encoders: Iterable[nn.Module], scale: float | None) -> Iterator[None]:
     """Within the block, the peft LoRA layers of `encoders` run at `scale` (diffusers' scale_lora_layers)."""
@@ -174,7 +188,7 @@ class CLIPConditioner(Conditioner):
                 f"and {len(text_encoders)} text encoders"
             )
         layers = min(encoder.config.num_hidden_layers for encoder in text_encoders)
-        deepest = layers - 1 if len(text_encoders) == 2 else layers  # SDXL already reads the penultimate layer
+        deepest = layers - 1 if has_projection(text_encoders[-1]) else layers  # SDXL already reads the penultimate layer
         if clip_skip is not None and not 0 <= clip_skip <= deepest:
             raise ValueError(f"clip_skip must be between 0 and {deepest} for these {layers}-layer text encoders, got {clip_skip}")
         if max_chunks is not None and max_chunks < 1:
@@ -195,19 +209,17 @@ class CLIPConditioner(Conditioner):
 
     @property
     def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+        """SDXL-style encoding: penultimate layer, pooled vector from the last encoder — SDXL's two encoders, or
+        the refiner's one (a CLIPTextModelWithProjection)."""
+        return has_projection(self.text_encoders[-1])
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **options: Any) -> CLIPConditioner:
-        """Wrap a StableDiffusion(XL) pipeline's own tokenizers and text encoders (shared, not copied)."""
+        """Wrap a StableDiffusion(XL) pipeline's own tokenizers and text encoders (shared, not copied); the SDXL
+        refiner, which has only the second encoder, included."""
+        tokenizers, encoders = pipeline_text_encoders(pipe)
         if getattr(pipe, "text_encoder_2", None) is not None:
-            tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
-            encoders = [pipe.text_encoder, pipe.text_encoder_2]
             options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
-        elif getattr(pipe, "text_encoder", None) is not None:
-            tokenizers, encoders = [pipe.tokenizer], [pipe.text_encoder]
-        else:
-            raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to wrap")
         return cls(tokenizers, encoders, **options)
 
     def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from condkit.conditioning import CLIP_POSITIONS
-from condkit.conditioning.clip import CLIPConditioner
+from condkit.conditioning.clip import CLIPConditioner, pipeline_text_encoders
 from condkit.conditioning.registry import register_conditioner
 
 PadToken = Literal["eos", "zero"]
@@ -203,14 +203,9 @@ class LongCLIPConditioner(CLIPConditioner):
         the folder's tokenizer/ when present, else from the pipeline. `pad_token`: see
         `stretch_tokenizer`; None keeps each tokenizer's own (SD1.x: <|endoftext|>; SDXL's second: "!").
         """
+        pairs = list(zip(*pipeline_text_encoders(pipe)))
         if getattr(pipe, "text_encoder_2", None) is not None:
-            pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
             options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
-        elif getattr(pipe, "text_encoder", None) is not None:
-            pairs = [(pipe.tokenizer, pipe.text_encoder)]
-        else:
-            raise ValueError(f"{type(pipe).__name__} has no CLIP text encoder to replace")
-
         tokenizers, encoders = [], []
         for index, (tokenizer, encoder) in enumerate(pairs):
             if index == 0 and text_encoder_path is not None:
