@@ -84,7 +84,11 @@ def chunk_prompt(tokenizer, prompt: str, window: int | None = None, *, parse_emp
             continue
         ids = tokenizer(run.text, add_special_tokens=False, verbose=False).input_ids
         n_content += len(ids)
-        for token in ids:
+        group_lengths = multi_vector_groups(tokenizer, ids)
+        for position, token in enumerate(ids):
+            group = group_lengths.get(position)
+            if group is not None and len(tokens) + group > capacity:
+                close_chunk()  # a multi-vector embedding moves whole to the next chunk, as in A1111
             if token == comma_id:
                 last_comma = len(tokens)
             elif len(tokens) == capacity and last_comma >= 0 and len(tokens) - last_comma <= COMMA_BACKTRACK:
@@ -102,6 +106,23 @@ def chunk_prompt(tokenizer, prompt: str, window: int | None = None, *, parse_emp
     ids_rows = [_wrap(tokenizer, chunk_tokens, window) for chunk_tokens, _ in chunks]
     weight_rows = [[1.0] + chunk_weights + [1.0] * (window - 1 - len(chunk_weights)) for _, chunk_weights in chunks]
     return TokenChunks(torch.tensor(ids_rows), torch.tensor(weight_rows), n_content)
+
+
+def multi_vector_groups(tokenizer, ids: list[int]) -> dict[int, int]:
+    """{position: length} of each multi-vector textual-inversion token in `ids`: an added token "<t>"
+    followed by "<t>_1", "<t>_2", … (the expansion `embeddings.expand_prompt` writes)."""
+    added = {index: name for name, index in tokenizer.get_added_vocab().items()}
+    groups = {}
+    for position, token in enumerate(ids):
+        name = added.get(token)
+        if name is None:
+            continue
+        length = 1
+        while position + length < len(ids) and added.get(ids[position + length]) == f"{name}_{length}":
+            length += 1
+        if length > 1:
+            groups[position] = length
+    return groups
 
 
 def _wrap(tokenizer, tokens: list[int], window: int) -> list[int]:
