@@ -182,7 +182,7 @@ def test_none_tokenizes_brackets_and_weights_as_text(pipe):
     assert_same(none.encode("(red:1.3)", "[blurry]"), original.encode("\\(red:1.3\\)", "\\[blurry\\]"))
     assert_same(none.encode("a (red:1.3) [circle]"), original.encode("a \\(red:1.3\\) \\[circle\\]"))
     # token ids: exactly the tokenizer's own on the raw text
-    for tokenizer, chunks in zip(none.tokenizers, none._chunk(["a (red:1.3) \\[circle]"])):
+    for tokenizer, chunks in zip(none.tokenizers, none._chunk([["a (red:1.3) \\[circle]"]] * len(none.tokenizers))):
         expected = tokenizer("a (red:1.3) \\[circle]", padding="max_length", max_length=77).input_ids
         assert chunks[0].input_ids[0].tolist() == expected
         assert torch.equal(chunks[0].weights, torch.ones(1, 77))
@@ -195,7 +195,7 @@ def test_none_treats_break_as_the_word_as_a1111_does(pipe):
     none = clip(pipe, "none")
     encoded = none.encode("a red circle BREAK a blue square")
     assert encoded.prompt_embeds.shape[1] == 77
-    for tokenizer, chunks in zip(none.tokenizers, none._chunk(["a red circle BREAK a blue square"])):
+    for tokenizer, chunks in zip(none.tokenizers, none._chunk([["a red circle BREAK a blue square"]] * len(none.tokenizers))):
         expected = tokenizer("a red circle BREAK a blue square", padding="max_length", max_length=77).input_ids
         assert chunks[0].input_ids[0].tolist() == expected
     assert clip(pipe).encode("a red circle BREAK a blue square").prompt_embeds.shape[1] == 2 * 77

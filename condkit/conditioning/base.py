@@ -90,10 +90,13 @@ class Conditioner(nn.Module):
     def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         raise NotImplementedError
 
-    def encode(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
-        """`embed` without gradients: what a pipeline call needs."""
+    def encode(
+        self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1, **per_encoder_prompts: Prompt
+    ) -> Conditioning:
+        """`embed` without gradients: what a pipeline call needs. `per_encoder_prompts` (prompt_2,
+        negative_prompt_2 for SDXL's second encoder) go to conditioners that take them."""
         with torch.no_grad():
-            return self.embed(prompt, negative_prompt, num_images_per_prompt)
+            return self.embed(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts)
 
     def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Map `encode()` features to a denoiser's encoder_hidden_states (and, optionally, pooled vector) at `timestep`."""
@@ -203,13 +206,17 @@ def as_prompt_list(prompt: str | list[str], what: str = "prompt") -> list[str]:
     raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-def as_negative_list(negative_prompt: str | list[str] | None, batch_size: int) -> list[str] | None:
-    """One negative per prompt: a single string applies to all; a list must match the prompt count."""
+def as_negative_list(
+    negative_prompt: str | list[str] | None, batch_size: int, what: str = "negative_prompt"
+) -> list[str] | None:
+    """One text per prompt (a negative, or a second encoder's prompt): a single string applies to all; a list
+    must match the prompt count."""
     if negative_prompt is None:
         return None
-    negatives = as_prompt_list(negative_prompt, "negative_prompt")
+    negatives = as_prompt_list(negative_prompt, what)
     if isinstance(negative_prompt, str):
         return negatives * batch_size
     if len(negatives) != batch_size:
-        raise ValueError(f"got {len(negatives)} negative prompts for {batch_size} prompts; expected {batch_size} or one")
+        label = "negative prompts" if what == "negative_prompt" else f"{what} values"
+        raise ValueError(f"got {len(negatives)} {label} for {batch_size} prompts; expected {batch_size} or one")
     return negatives

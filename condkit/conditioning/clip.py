@@ -222,30 +222,53 @@ class CLIPConditioner(Conditioner):
             options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
         return cls(tokenizers, encoders, **options)
 
-    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
+    def embed(
+        self,
+        prompt: Prompt,
+        negative_prompt: Prompt | None = None,
+        num_images_per_prompt: int = 1,
+        *,
+        prompt_2: Prompt | None = None,
+        negative_prompt_2: Prompt | None = None,
+    ) -> Conditioning:
+        """As diffusers' SDXL encode_prompt: `prompt_2` / `negative_prompt_2` go to the second encoder (default:
+        the same text as the first)."""
         with scaled_lora_layers(self.text_encoders, self.lora_scale):
-            return self._embed(prompt, negative_prompt, num_images_per_prompt)
+            return self._embed(prompt, negative_prompt, num_images_per_prompt, prompt_2, negative_prompt_2)
 
-    def _embed(self, prompt: Prompt, negative_prompt: Prompt | None, num_images_per_prompt: int) -> Conditioning:
+    def denoiser_inputs(self, prompt: Prompt, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positive rows of `embed` alone (training needs no negatives), outside autocast as at inference."""
+        with torch.autocast(self.device.type, enabled=False), scaled_lora_layers(self.text_encoders, self.lora_scale):
+            conditioning = self._embed(prompt, None, 1, None, None, with_negatives=False)
+        return conditioning.prompt_embeds, conditioning.pooled_prompt_embeds
+
+    def _embed(
+        self, prompt: Prompt, negative_prompt: Prompt | None, num_images_per_prompt: int, prompt_2: Prompt | None,
+        negative_prompt_2: Prompt | None, with_negatives: bool = True,
+    ) -> Conditioning:
+        if (prompt_2 is not None or negative_prompt_2 is not None) and len(self.text_encoders) != 2:
+            raise ValueError("prompt_2 and negative_prompt_2 apply to two text encoders (SDXL); this conditioner has one")
         prompts = as_prompt_list(prompt)
+        prompts_2 = prompts if prompt_2 is None else as_negative_list(prompt_2, len(prompts), "prompt_2")
         negatives = as_negative_list(negative_prompt, len(prompts))
-        zero_negative = negatives is None and self.zero_empty_negative
-        if negatives is None and not zero_negative:
-            negatives = [""] * len(prompts)
-        distinct_negatives = list(dict.fromkeys(negatives or []))
+        negatives_2 = as_negative_list(negative_prompt_2, len(prompts), "negative_prompt_2")
+        zero_negative = negatives is None and self.zero_empty_negative  # as diffusers: negative_prompt_2 alone is not enough
+        negatives = negatives or [""] * len(prompts)
+        negatives_2 = negatives_2 or negatives
+        if not with_negatives or zero_negative:
+            negatives, negatives_2 = [], []
 
-        positive, negative = self._chunk(prompts), self._chunk(distinct_negatives)
+        # Every row is encoded in a batch as diffusers does: CPU kernels may round a batch of one differently.
+        positive, negative = self._chunk([prompts, prompts_2]), self._chunk([negatives, negatives_2])
         n_chunks = max(c.n_chunks for side in (positive, negative) for group in side for c in group)
         length = self._output_length([positive, negative], n_chunks)
         embeds, pooled = self._encode_group(positive, n_chunks, length)
+        negative_embeds = negative_pooled = None
         if zero_negative:
             negative_embeds = torch.zeros_like(embeds)
             negative_pooled = None if pooled is None else torch.zeros_like(pooled)
-        else:
+        elif with_negatives:
             negative_embeds, negative_pooled = self._encode_group(negative, n_chunks, length)
-            rows = [distinct_negatives.index(text) for text in negatives]  # each distinct negative is encoded once
-            negative_embeds = negative_embeds[rows]
-            negative_pooled = None if negative_pooled is None else negative_pooled[rows]
 
         def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.repeat_interleave(num_images_per_prompt, dim=0)
@@ -257,21 +280,23 @@ class CLIPConditioner(Conditioner):
             negative_pooled_prompt_embeds=repeat(negative_pooled),
         )
 
-    def _chunk(self, texts: list[str]) -> list[list[TokenChunks]]:
-        """texts → one list of TokenChunks per encoder; multi-vector tokens "<t>" expand to "<t> <t>_1 …".
+    def _chunk(self, texts_per_encoder: list[list[str]]) -> list[list[TokenChunks]]:
+        """One list of texts per encoder (SD uses the first) → one list of TokenChunks per encoder;
+        multi-vector tokens "<t>" expand to "<t> <t>_1 …".
 
         Under "none" emphasis the text is tokenized as written; under "ignore" it is parsed, then
         every weight is set to 1.
         """
-        for text in texts:
-            check_prompt_characters(text)  # before a tokenizer sees them: expand_prompt tokenizes the raw text
+        for texts in texts_per_encoder:
+            for text in texts:
+                check_prompt_characters(text)  # before a tokenizer sees them: expand_prompt tokenizes the raw text
         parse = self.emphasis != "none"
         groups = [
             [
                 self._limit(chunk_prompt(tok, expand_prompt(text, tok), self.window, parse_emphasis=parse), text)
                 for text in texts
             ]
-            for tok in self.tokenizers
+            for tok, texts in zip(self.tokenizers, texts_per_encoder)
         ]
         if self.emphasis == "ignore":
             groups = [

@@ -179,9 +179,11 @@ class ProjectedConditioner(Conditioner):
             "projection": load_projection(folder / "projection"),
         }
 
-    def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
+    def embed(
+        self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1, **per_encoder_prompts: Prompt
+    ) -> Conditioning:
         """The wrapped conditioner's Conditioning, each embeddings row followed by one marker token."""
-        plain = self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt)
+        plain = self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts)
         if plain.prompt_embeds.shape[-1] != self.projection.config.dim:
             raise ValueError(
                 f"projection width {self.projection.config.dim} differs from the conditioner's embedding width "
