@@ -513,11 +513,11 @@ def _check_conditioner(args: argparse.Namespace) -> None:
     if args.adapter is not None:
         raise ValueError(f"--adapter was replaced by --conditioner DIR: use --conditioner {args.adapter} "
                          "(`condkit train adapter` writes the conditioner to OUT/conditioner)")
+    options = _conditioner_options(args)
     if Path(args.conditioner).is_dir():
         read_saved_record(Path(args.conditioner))
     else:
-        get_conditioner_class(args.conditioner)
-    _conditioner_options(args)
+        get_conditioner_class(args.conditioner).check_options(options)
 
 
 def _read_embeddings(values: list[str]) -> list[Any]:

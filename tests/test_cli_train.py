@@ -193,9 +193,9 @@ def test_every_listed_conditioner_generates_or_names_what_it_needs(model_dir, tm
                              "--steps", "1", "--out", out, "--quiet")
         if code == 0:
             assert len(list(out.glob("*.png"))) == 1, name
-        else:
+        else:  # refused before the pipeline loads: no loading bars, just the line
             assert code == 2 and captured.err.count("\n") == 1 and "--opt " in captured.err, (name, captured.err)
-            assert not out.exists()
+            assert captured.err.startswith("condkit: error: conditioner ") and not out.exists()
 
 
 def test_a_saved_conditioner_from_python_runs_from_the_cli(model_dir, tmp_path, capsys):
@@ -272,3 +272,10 @@ def test_emphasis_mode_from_the_cli(model_dir, tmp_path, capsys):
     code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", "llm-adapter", "--opt", "connector=new",
                          "--emphasis", "none", "--prompt", "x", "--out", tmp_path / "c", "--quiet")
     assert code == 2 and "has no option" in captured.err and "emphasis" in captured.err
+
+
+@pytest.mark.parametrize("name, needs", [("projected", "projection="), ("llm-adapter", "connector="), ("concat", "first=")])
+def test_a_missing_required_option_is_named_before_the_model_loads(model_dir, tmp_path, capsys, name, needs):
+    code, captured = run(capsys, "generate", "--model", model_dir, "--conditioner", name, "--prompt", "x", "--out", tmp_path / "o")
+    assert code == 2 and captured.err.count("\n") == 1 and f"--opt {needs}" in captured.err  # no loading bars before it
+    assert not (tmp_path / "o").exists()

@@ -86,6 +86,8 @@ class Conditioner(nn.Module):
     config_names: ClassVar[tuple[str, ...]] = ()
     # Whether encode() gives exactly the tensors of the pipeline's own encode_prompt (no weights, one chunk).
     reproduces_pipeline_prompts: ClassVar[bool] = False
+    # Options from_pipeline cannot do without, each with the one line that says how to give it.
+    required_options: ClassVar[dict[str, str]] = {}
 
     def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         raise NotImplementedError
@@ -121,6 +123,13 @@ class Conditioner(nn.Module):
     @classmethod
     def from_pipeline(cls, pipe: Any, **options: Any) -> Conditioner:
         raise NotImplementedError(f"{cls.__name__} cannot be built from a pipeline")
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse, before anything loads, options that leave out a required one."""
+        for name, message in cls.required_options.items():
+            if options.get(name) is None:
+                raise ValueError(message)
 
     @classmethod
     def example_options(cls, pipe: Any) -> dict[str, Any]:

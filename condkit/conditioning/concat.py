@@ -86,6 +86,13 @@ class ConcatConditioner(Conditioner):
     Saved as two units, first/ and second/, each rebuilt on the pipeline by its own class.
     """
 
+    required_options = {
+        "first": (
+            "conditioner 'concat' needs its first part: --opt first=NAME_OR_DIR (e.g. a trained llm-adapter folder), "
+            "and optionally --opt second=NAME_OR_DIR (default clip) and --opt first_options='{...}'"
+        ),
+    }
+
     def __init__(self, first: Conditioner, second: Conditioner) -> None:
         super().__init__()
         self.first = first
@@ -105,11 +112,7 @@ class ConcatConditioner(Conditioner):
         second_options: dict[str, Any] | None = None,
     ) -> ConcatConditioner:
         """Each part a conditioner, a registered name (built with its `*_options`) or a saved folder."""
-        if first is None:
-            raise ValueError(
-                "conditioner 'concat' needs its first part: --opt first=NAME_OR_DIR (e.g. a trained llm-adapter folder), "
-                "and optionally --opt second=NAME_OR_DIR (default clip) and --opt first_options='{...}'"
-            )
+        cls.check_options({"first": first})
         return cls(load_conditioner(first, pipe, **(first_options or {})), load_conditioner(second, pipe, **(second_options or {})))
 
     @classmethod

@@ -149,6 +149,12 @@ class LLMAdapterConditioner(Conditioner):
         feature_cache_size: how many texts' language-model features to keep (0: none).
     """
 
+    required_options = {
+        "connector": (
+            "conditioner 'llm-adapter' needs a connector: --opt connector=DIR (a trained connector folder or an ELLA "
+            ".safetensors file), or --opt connector=new for a fresh, untrained one"
+        ),
+    }
     timestep_aware = True
 
     def __init__(
@@ -218,11 +224,7 @@ class LLMAdapterConditioner(Conditioner):
             not record num_heads / num_blocks: give them in `connector_config` when they differ from ELLA's.
         options: flexible_length, max_length.
         """
-        if connector is None:
-            raise ValueError(
-                "conditioner 'llm-adapter' needs a connector: --opt connector=DIR (a trained connector folder or an ELLA "
-                ".safetensors file), or --opt connector=new for a fresh, untrained one"
-            )
+        cls.check_options({"connector": connector})
         if not isinstance(language_model, nn.Module):
             tokenizer, language_model = load_language_model(language_model)
             language_model = language_model.to(pipe.device)

@@ -109,6 +109,12 @@ class ProjectedConditioner(Conditioner):
     """
 
     timestep_aware = True
+    required_options = {
+        "projection": (
+            "conditioner 'projected' needs a projection: --opt projection=DIR (a trained CLP/WiCLP folder) or "
+            "--opt projection=wiclp|clp (a fresh, identity one)"
+        ),
+    }
     config_names = ("switch_off_timestep",)
 
     def __init__(
@@ -151,11 +157,7 @@ class ProjectedConditioner(Conditioner):
         """
         from condkit.conditioning.registry import load_conditioner
 
-        if projection is None:
-            raise ValueError(
-                "conditioner 'projected' needs a projection: --opt projection=DIR (a trained CLP/WiCLP folder) or "
-                "--opt projection=wiclp|clp (a fresh, identity one)"
-            )
+        cls.check_options({"projection": projection})
         inner = load_conditioner(conditioner, pipe, **conditioner_options)
         if isinstance(projection, str) and projection.lower() in FRESH_PROJECTIONS:
             projection = FRESH_PROJECTIONS[projection.lower()](conditioner_output(inner)["width"])
