@@ -8,6 +8,7 @@ import json
 import logging
 import time
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,6 @@ from condkit.training.textual_inversion import TextualInversion
 from training_helpers import clip, train_with_clip
 from tiny_models import tiny_sd_pipeline
 
-datasets = pytest.importorskip("datasets")
 
 
 @pytest.fixture(autouse=True)

@@ -82,10 +82,9 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def tiny_sd_components(seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    tokenizer = byte_tokenizer()
-    unet = UNet2DConditionModel(
+def _unet(**config) -> UNet2DConditionModel:
+    """A two-level UNet for 16x16 latents; `config` gives its cross-attention settings."""
+    return UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=16,
@@ -93,10 +92,15 @@ def tiny_sd_components(seed: int = 0) -> dict:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
         norm_num_groups=4,
+        **config,
     )
+
+
+def tiny_sd_components(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    unet = _unet(cross_attention_dim=32, attention_head_dim=4)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
     return {
         "unet": unet,
@@ -121,14 +125,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     tokenizer_2 = byte_tokenizer(pad_token="!")
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -136,7 +133,6 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=32 + 32,
-        norm_num_groups=4,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
@@ -184,20 +180,7 @@ def tiny_sd2_components(seed: int = 0) -> dict:
         projection_dim=32,
         layer_norm_eps=1e-5,
     )
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=1024,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=4,
-    )
+    unet = _unet(cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
