@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from condkit.cli_arguments import (
-    Parser, finite_float, multiple_of_8, non_negative_float, non_negative_int, positive_float, positive_int, seed, timestep,
+    Parser, finite_float, multiple_of_8, non_negative_float, non_negative_int, positive_float, positive_int, seed, strength,
+    timestep,
 )
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -33,6 +34,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a conditioner name (see --list-conditioners) or a folder saved by a conditioner's save_pretrained "
                              "(e.g. runs/adapter/conditioner from `condkit train adapter`) (default: clip)")
     parser.add_argument("--clip-skip", type=non_negative_int, default=None, help="CLIP layers to skip from the end, as diffusers' clip_skip")
+    parser.add_argument("--max-sequence-length", type=positive_int, default=None,
+                        help="SD3 and Flux: T5 tokens per prompt, at most 512 (default: the pipeline's, 256 for SD3, 512 for Flux)")
     parser.add_argument("--emphasis", default=None, choices=("original", "no_norm", "ignore", "none"),
                         help="A1111 emphasis mode for (word:1.3) weights: original (multiply, keep the chunk mean; default), "
                              "no_norm (multiply only), ignore (weights 1), none (brackets are text)")
@@ -43,8 +46,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding", action="append", default=[], metavar="[TOKEN=]FILE",
                         help="a textual-inversion embedding in any format condkit reads, loaded before encoding; its token is "
                              "the one the file names unless TOKEN= renames it (repeatable)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA .safetensors (diffusers/peft or kohya layout; UNet and text-encoder weights), loaded with "
+                             "diffusers' load_lora_weights and activated at SCALE (default 1) with set_adapters (repeatable)")
+    parser.add_argument("--model-config", default=None, metavar="DIR_OR_ID",
+                        help="for a single-file --model FILE.safetensors: a diffusers pipeline folder (or hub id) of the same "
+                             "model family whose configs describe it (default: diffusers infers it and fetches its configs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
+    parser.add_argument("--offload", default=None, choices=("model", "sequential"),
+                        help="diffusers' CPU offloading onto --device: model (enable_model_cpu_offload) or sequential "
+                             "(enable_sequential_cpu_offload; needs an accelerator)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
@@ -70,7 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     generate.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     generate.add_argument("--overwrite", action="store_true", help="write into an --out that holds earlier images (replacing them)")
+    generate.add_argument("--true-cfg-scale", type=positive_float, default=None,
+                          help="Flux: real CFG scale for --negative (above 1; a second transformer call per step); Flux's "
+                               "--guidance is its distilled guidance (3.5 is its default)")
     generate.add_argument("--list-conditioners", action="store_true", help="list conditioner names and exit")
+    generate.add_argument("--init-image", default=None, metavar="IMG", help="img2img (or, with --mask, inpainting) from this image")
+    generate.add_argument("--strength", type=strength, default=None,
+                          help="how much of --init-image is noised away, in (0, 1] (default: the pipeline's, 0.8 for img2img)")
+    generate.add_argument("--mask", default=None, metavar="IMG",
+                          help="inpainting mask (white = repaint); another size than --init-image is resized to it, as diffusers does")
+    generate.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                          help="a ControlNet folder or hub id (repeat for several, each with its --control-image)")
+    generate.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                          help="the control image of each --controlnet, in order (or of the model's own ControlNet)")
     _add_model_options(generate)
     _add_sampling_options(generate, steps=25, guidance=7.5)
     generate.set_defaults(handler=run_generate)
@@ -78,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score a conditioner on shapes-world prompt sets",
                                    description="Generate N images per prompt of a shapes-world prompt set and score them with the exact pixel scorer.")
     evaluate.add_argument("--prompt-set", default="short", help="short, compositional, long, or a .jsonl file of {prompt, spec} (default: short)")
-    evaluate.add_argument("-n", "--images-per-prompt", type=positive_int, default=4, help="images per prompt (default: 4)")
+    evaluate.add_argument("-n", "--images-per-prompt", type=positive_int, default=8,
+                          help="images per prompt, at seeds --seed … --seed+N-1 for every prompt (default: 8, enough for a "
+                               "paired comparison to resolve 5 points of short-set binding)")
+    evaluate.add_argument("--compare", nargs=2, default=None, metavar=("A/eval.json", "B/eval.json"),
+                          help="generate nothing: print A − B for every metric of two reports on the same prompts and seeds, "
+                               "with its 95%% bootstrap interval and whether it is significant")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
     evaluate.add_argument("--out", default=None, help="folder for eval.json and grid.png (default: outputs/eval-SET-CONDITIONER)")
     evaluate.add_argument("--overwrite", action="store_true", help="write into an --out that holds an earlier report (replacing it)")
@@ -132,10 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     long_clip = methods.add_parser("long-clip", help="fine-tune a stretched CLIP text tower (Long-CLIP)",
                                    description="Long-CLIP fine-tuning: long-caption contrastive + primary-component matching "
-                                               "on shapes-world (image, long caption, short caption) triples.")
+                                               "on (image, long caption, short caption) triples: your --data/--dataset, or "
+                                               "shapes-world scenes by default.")
+    _add_data_options(long_clip)
+    long_clip.add_argument("--short-caption-column", default=None, metavar="COLUMN",
+                           help="metadata.jsonl key or dataset column of the short captions (default: the first sentence "
+                                "of each long caption, as Long-CLIP does; --caption-column holds the long ones)")
+    long_clip.add_argument("--model", default=None,
+                           help="pipeline the saved conditioner is for (default: the embedded shapes-world model)")
+    long_clip.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    long_clip.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
+    _add_run_options(long_clip, images=False)
     long_clip.add_argument("--clip", default=None, help="a transformers CLIPModel folder (default: the shapes world's model/clip)")
     long_clip.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the shapes world's)")
-    long_clip.add_argument("--pairs", type=positive_int, default=4096, help="training scenes (default: 4096)")
+    long_clip.add_argument("--pairs", type=positive_int, default=4096,
+                           help="shapes-world scenes when no --data/--dataset is given (default: 4096)")
     long_clip.add_argument("--steps", type=positive_int, default=300)
     long_clip.add_argument("--batch-size", type=positive_int, default=64)
     long_clip.add_argument("--learning-rate", type=positive_float, default=1e-6,
@@ -163,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("--dataset-size", type=positive_int, default=2000,
                          help="shapes-world scenes to train on when no --data/--dataset is given (default: 2000)")
     _add_data_options(adapter)
+    adapter.add_argument("--resolution", type=multiple_of_8, default=None, help="training resolution (default: the model's)")
+    adapter.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    adapter.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
+    _add_run_options(adapter, images=True)
     adapter.add_argument("--checkpointing-steps", type=positive_int, default=100, help="save a checkpoint every N steps (default: 100)")
     adapter.add_argument("--resume", action="store_true")
     adapter.add_argument("--seed", type=seed, default=0)
@@ -224,13 +268,73 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
+    _add_run_options(parser, images=True)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, images: bool) -> None:
+    """Sizes and augmentation, watching a run, memory and sharing: the options every trainer shares."""
+    if images:
+        crop = parser.add_mutually_exclusive_group()
+        crop.add_argument("--center-crop", dest="center_crop", action="store_true", default=True,
+                          help="crop the middle of each image to the training size (default)")
+        crop.add_argument("--random-crop", dest="center_crop", action="store_false",
+                          help="crop at a random offset per sample (latents cached per crop)")
+        parser.add_argument("--flip", action="store_true", help="mirror each sample left-right with probability 1/2")
+        parser.add_argument("--bucketing", action="store_true",
+                            help="aspect-ratio bucketing: each step's images share a size of about resolution² pixels")
+        parser.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
+                            help="render this prompt during training into RUN/validation/ (repeatable)")
+        parser.add_argument("--validation-steps", type=positive_int, default=None,
+                            help="render the validation prompts every N steps (default: at the end only)")
+    parser.add_argument("--report-to", default=None, metavar="TRACKER",
+                        help="log loss and learning rate with an accelerate tracker: tensorboard, wandb, ... (when installed)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass instead of keeping them (less memory, slower)")
+    parser.add_argument("--use-8bit-adam", action="store_true", help="AdamW with 8-bit state (needs bitsandbytes)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="upload the run folder (not its checkpoints) to this Hugging Face model repo when done")
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a tracker or optimizer whose package is missing, or a hub push that cannot happen."""
+    from condkit.training.hub import check_can_push
+    from condkit.training.loop import check_optional_packages
+
+    check_optional_packages(args.report_to, args.use_8bit_adam)
+    if args.push_to_hub is not None:
+        check_can_push(args.push_to_hub)
+    if getattr(args, "validation_steps", None) is not None and not args.validation_prompt:
+        raise ValueError("--validation-steps needs at least one --validation-prompt")
+
+
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainingConfig values of the shared run options."""
+    options = dict(report_to=args.report_to, gradient_checkpointing=args.gradient_checkpointing,
+                   use_8bit_adam=args.use_8bit_adam)
+    if hasattr(args, "center_crop"):
+        options |= dict(center_crop=args.center_crop, random_flip=args.flip, aspect_ratio_bucketing=args.bucketing,
+                        validation_steps=args.validation_steps)
+    return options
+
+
+def _run_summary(args: argparse.Namespace, method: str, data: str, steps: int, settings: dict[str, Any]) -> Any:
+    from condkit.training.model_card import RunSummary
+    from condkit.training.run_folder import command_line
+
+    return RunSummary(method=method, base_model=args.model or "the embedded shapes-world model", data=data, steps=steps,
+                      settings=settings, command=command_line(getattr(args, "argv", None)),
+                      usage=f"condkit generate --conditioner {args.out} --prompt \"...\"",
+                      validation_prompts=list(getattr(args, "validation_prompt", [])))
 
 
 def run_generate(args: argparse.Namespace) -> None:
     from condkit.conditioning.registry import available_conditioners
-    from condkit.pipelines.generate import GenerationSettings, PromptRequest, generate, save_results
-    from condkit.pipelines.output_folder import check_output_folder, claim_output_folder
+    from condkit.pipelines.across_processes import generate_and_save
+    from condkit.pipelines.generate import GenerationSettings, PromptRequest
+    from condkit.pipelines.output_folder import check_output_folder
     from condkit.pipelines.prompts_file import read_prompts_file
+    from condkit.pipelines.transformer_options import check_true_cfg_scale_before_loading, transformer_call_options
+    from condkit.processes import process_state
 
     if args.list_conditioners:
         print("\n".join(available_conditioners()))
@@ -242,19 +346,33 @@ def run_generate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, height=args.height, width=args.width,
     )
     _check_conditioner(args)
+    check_true_cfg_scale_before_loading(args.model, args.true_cfg_scale)
     embeddings = _read_embeddings(args.embedding)
+    loras = _read_loras(args)
+    image_inputs = _read_image_inputs(args)
     check_output_folder(args.out, args.overwrite)
-    pipe = _load_pipeline_with_embeddings(args, embeddings)
+    pipe = _load_pipeline_with_embeddings(args, embeddings, loras)
+    pipe, image_arguments, settings = _pipeline_for_image_inputs(pipe, args, image_inputs, settings)
+    transformer_arguments = transformer_call_options(pipe, requests, args.true_cfg_scale)
     conditioner = _build_conditioner(pipe, args)
-    with claim_output_folder(args.out, args.overwrite) as out_dir:
-        results = generate(pipe, conditioner, requests, settings)
-        run = _run_record(pipe, args.conditioner, args, settings, embeddings)
-        paths = save_results(results, out_dir, run, grid=not args.no_grid)
-    if not args.quiet:
-        print(f"wrote {len(paths)} image(s) to {out_dir}")
+    _enable_offload(pipe, args)
+    run = _run_record(pipe, args.conditioner, args, settings, embeddings)
+    paths = generate_and_save(pipe, conditioner, requests, settings, args.out, run, args.overwrite, grid=not args.no_grid,
+                              **image_arguments, **transformer_arguments)
+    if not args.quiet and process_state().is_main_process:
+        print(f"wrote {len(paths)} image(s) to {args.out}")
+
+
+def run_eval_comparison(args: argparse.Namespace) -> None:
+    from condkit.shapes_world.compare import compare_reports, comparison_text, read_report
+
+    first, second = (read_report(path) for path in args.compare)
+    print(comparison_text(compare_reports(first, second), args.compare[0], args.compare[1]))
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.compare:
+        return run_eval_comparison(args)
     from condkit.shapes_world.evaluate import evaluate_prompt_set, load_captions, table_text, write_report
     from condkit.pipelines.generate import GenerationSettings
     from condkit.pipelines.output_folder import check_output_folder, claim_output_folder
@@ -266,9 +384,11 @@ def run_eval(args: argparse.Namespace) -> None:
     label = args.conditioner
     embeddings = _read_embeddings(args.embedding)
     out = args.out or f"outputs/eval-{Path(args.prompt_set).stem}-{Path(label).name}"
+    loras = _read_loras(args)
     check_output_folder(out, args.overwrite)
-    pipe = _load_pipeline_with_embeddings(args, embeddings)
+    pipe = _load_pipeline_with_embeddings(args, embeddings, loras)
     conditioner = _build_conditioner(pipe, args)
+    _enable_offload(pipe, args)
     with claim_output_folder(out, args.overwrite) as out_dir:
         report = evaluate_prompt_set(pipe, conditioner, args.prompt_set, args.images_per_prompt, settings, limit=args.limit)
         run = _run_record(pipe, label, args, settings, embeddings)
@@ -335,15 +455,20 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         raise ValueError("--data (or --images) or --dataset, and --initializer, are required (on the command line or in --config)")
     if args.save_format is not None and args.save_format not in FORMATS:
         raise ValueError(f"--save-format {args.save_format!r} is unknown; expected one of: {', '.join(FORMATS)}")
+    _check_run_options(args)
     check_output_folder(args.out, overwrite=True)  # a folder we can write (earlier runs are resumed or refused below)
     out = Path(args.out)
     embedding_path = out / "learned_embeds.safetensors"
-    if embedding_path.exists() and not args.resume:
-        raise FileExistsError(f"{str(embedding_path)!r} already exists; use another --out or --resume")
+    for existing in (embedding_path, out / "conditioner"):
+        if existing.exists() and not args.resume:
+            raise FileExistsError(f"{str(existing)!r} already exists; use another --out or --resume")
     dataset = _training_data(args, caption_required=False)  # images without a caption use the templates
-    accelerator = make_accelerator(args.mixed_precision)
+    accelerator = make_accelerator(args.mixed_precision, args.report_to, out)
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32")
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"condkit train {args.method} runs on StableDiffusion(XL) models; this is a {type(pipe).__name__} "
+                         "(SD3/Flux textual inversion: the Python API, TextualInversion with condkit.training.loop.train)")
     conditioner = CLIPConditioner.from_pipeline(pipe)
     if args.save_format is not None and (args.save_format in SINGLE_ENCODER_FORMATS) != (len(conditioner.text_encoders) == 1):
         family = "SD1.x/2.x (one text encoder)" if len(conditioner.text_encoders) == 1 else "SDXL (two text encoders)"
@@ -355,11 +480,31 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, resolution=resolution, mixed_precision=args.mixed_precision,
         checkpointing_steps=args.checkpointing_steps, seed=args.seed, resume_from_checkpoint="latest" if args.resume else None,
+        **_training_options(args),
     )
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)
-    written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
-    print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))}")
+    validate = None
+    if args.validation_prompt:
+        from condkit.training.validation import ValidationRenderer
+
+        validate = ValidationRenderer(pipe, conditioner, args.validation_prompt, seed=args.seed)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner,
+                   accelerator=accelerator, validate=validate)
+    if accelerator.is_main_process:
+        from condkit.training.token_runs import save_token_run
+
+        written = method.save_embedding(str(embedding_path), args.save_format, step=result.last_step, overwrite=args.resume)
+        summary = _run_summary(args, f"{type(method).__name__} of {args.placeholder} (initialised from {args.initializer!r})",
+                               dataset.summary(), result.last_step, {**method.settings(), **_config_settings(config)})
+        saved = save_token_run(out, method, conditioner, result, summary, overwrite=args.resume, push_to_hub=args.push_to_hub)
+        print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))} and {saved}")
+    accelerator.wait_for_everyone()
     return method, pipe
+
+
+def _config_settings(config: Any) -> dict[str, Any]:
+    from condkit.training.model_card import training_settings
+
+    return training_settings(config)
 
 
 def run_train_long_clip(args: argparse.Namespace) -> None:
@@ -369,26 +514,70 @@ def run_train_long_clip(args: argparse.Namespace) -> None:
     from condkit.shapes_world import MODEL_DIR
     from condkit.shapes_world.dataset import long_caption_pairs
     from condkit.training.checkpoint import list_checkpoints
+    from condkit.conditioning.long_clip import LongCLIPConditioner
+    from condkit.embedded import load_pipeline
+    from condkit.training.data import load_training_data
     from condkit.training.long_clip import LongCLIPMethod, save_long_clip_text_encoder, train_long_clip
-    from condkit.training.loop import TrainingConfig
+    from condkit.training.loop import TrainingConfig, make_accelerator
+    from condkit.training.run_folder import finish_run
 
     clip_dir = Path(args.clip) if args.clip else MODEL_DIR / "clip"
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else MODEL_DIR / "tokenizer"
     for folder, what in ((clip_dir, "CLIP model"), (tokenizer_dir, "tokenizer")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
+    _check_run_options(args)
     check_output_folder(args.out, overwrite=True)
     if list_checkpoints(Path(args.out) / "checkpoints") and not args.resume:
         raise FileExistsError(f"{args.out!r} already holds a Long-CLIP run; use another --out or --resume")
+    if (Path(args.out) / "conditioner").exists() and not args.resume:
+        raise FileExistsError(f"{str(Path(args.out) / 'conditioner')!r} already exists; use another --out or --resume")
+    if args.short_caption_column is not None and args.data is None and args.dataset is None:
+        raise ValueError("--short-caption-column applies to --data or --dataset, not to the built-in shapes-world scenes")
+    if args.data is not None or args.dataset is not None:
+        from condkit.training.long_clip_data import LongCaptionPairs, clip_normalization
+
+        data = load_training_data(args.data, args.dataset, image_column=args.image_column,
+                                  caption_column=args.caption_column, streaming=args.streaming, max_items=args.max_items,
+                                  text_columns=[args.short_caption_column] if args.short_caption_column else [])
     config = TrainingConfig(
         output_dir=args.out, max_train_steps=args.steps, train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         learning_rate=args.learning_rate, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
-        resume_from_checkpoint="latest" if args.resume else None)  # fmt: skip
-    method = LongCLIPMethod(CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(tokenizer_dir))
-    result = train_long_clip(method, long_caption_pairs(args.pairs, seed=args.seed), config)
-    folder = save_long_clip_text_encoder(method.model, method.tokenizer, args.out)
-    loss = f"final loss {result.losses[-1]:.4f}" if result.losses else f"already at step {result.last_step}"
-    print(f"{loss}; wrote {folder} (use: --conditioner long-clip --opt text_encoder_path={folder})")
+        resume_from_checkpoint="latest" if args.resume else None, **_training_options(args))  # fmt: skip
+    model = CLIPModel.from_pretrained(clip_dir)
+    # The conditioner unit replaces the pipeline's first text encoder, so their widths must agree.
+    pipe = load_pipeline(args.model, "cpu", "float32")
+    fits = pipe.text_encoder is not None and pipe.text_encoder.config.hidden_size == model.config.text_config.hidden_size
+    if not fits and args.model is not None:
+        raise ValueError(f"--clip {str(clip_dir)!r} has text width {model.config.text_config.hidden_size}, which does not fit "
+                         f"the text encoder of --model {args.model!r}; expected the CLIP that pipeline uses")
+    method = LongCLIPMethod(model, CLIPTokenizer.from_pretrained(tokenizer_dir))
+    if args.data is not None or args.dataset is not None:
+        mean, std = clip_normalization(clip_dir)
+        pairs = LongCaptionPairs(data, image_size=model.config.vision_config.image_size,
+                                 short_caption_column=args.short_caption_column, mean=mean, std=std)
+        description = f"{data.summary()}; short captions from " + (
+            f"column {args.short_caption_column!r}" if args.short_caption_column else "the first sentence of each caption")
+    else:
+        pairs = long_caption_pairs(args.pairs, seed=args.seed)
+        description = f"{args.pairs} shapes-world scenes (long and compositional captions)"
+    accelerator = make_accelerator(args.mixed_precision, args.report_to, args.out)
+    result = train_long_clip(method, pairs, config, accelerator=accelerator)
+    if accelerator.is_main_process:
+        folder = save_long_clip_text_encoder(method.model, method.tokenizer, args.out)
+        if fits:
+            unit = LongCLIPConditioner.from_pipeline(pipe, text_encoder_path=folder)
+            saved, usage = unit.save_pretrained(Path(args.out) / "conditioner", overwrite=args.resume), f"--conditioner {args.out}"
+        else:
+            saved, usage = folder, f"--conditioner long-clip --opt text_encoder_path={folder} with --model of this CLIP"
+        summary = _run_summary(args, "Long-CLIP text encoder", description, result.last_step,
+                               {**method.settings(), **_config_settings(config)})
+        summary.usage = f"condkit generate {usage} --prompt \"...\""
+        finish_run(args.out, result, summary, push_to_hub=args.push_to_hub)
+        loss = f"final loss {result.losses[-1]:.4f}" if result.losses else f"already at step {result.last_step}"
+        print(f"{loss}; wrote {saved} (use: {usage})")
+    accelerator.wait_for_everyone()
 
 
 def run_train_adapter(args: argparse.Namespace) -> None:
@@ -396,7 +585,9 @@ def run_train_adapter(args: argparse.Namespace) -> None:
     from condkit.shapes_world.dataset import adapter_dataset
     from condkit.pipelines.output_folder import check_output_folder
     from condkit.training.adapter_runs import run_adapter_training
+    from condkit.training.run_folder import command_line
 
+    _check_run_options(args)
     check_output_folder(args.out, overwrite=True)
     if args.data is not None or args.dataset is not None:
         dataset = _training_data(args, caption_required=True)
@@ -409,6 +600,10 @@ def run_train_adapter(args: argparse.Namespace) -> None:
         project_all_timesteps=args.project_all_timesteps, dataset=dataset,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, resume=args.resume,
         checkpointing_steps=args.checkpointing_steps, seed=args.seed,
+        training_options=dict(_training_options(args), resolution=args.resolution, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps),
+        validation_prompts=args.validation_prompt, command=command_line(getattr(args, "argv", None)),
+        push_to_hub=args.push_to_hub,
     )
     print(f"wrote {folder}")
 
@@ -492,6 +687,10 @@ def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
     options: dict[str, Any] = {"clip_skip": args.clip_skip} if args.clip_skip is not None else {}
+    if getattr(args, "max_sequence_length", None) is not None:
+        if args.max_sequence_length > 512:
+            raise ValueError(f"--max-sequence-length must be at most 512 (SD3's and Flux's limit), got {args.max_sequence_length}")
+        options["max_sequence_length"] = args.max_sequence_length
     if args.emphasis is not None:
         options["emphasis"] = args.emphasis
     for pair in args.opt:
@@ -549,14 +748,62 @@ def _check_prompts(requests: list[Any], emphasis: str | None) -> None:
                 prompt_runs(text, parse_emphasis=emphasis != "none")
 
 
-def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any]) -> Any:
+def _load_pipeline_with_embeddings(args: argparse.Namespace, embeddings: list[Any], loras: list[Any] = ()) -> Any:
     from condkit.conditioning.embeddings import load_embedding
     from condkit.embedded import load_pipeline
+    from condkit.pipelines.lora import load_loras
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, keep_on_cpu=getattr(args, "offload", None) is not None,
+                         model_config=getattr(args, "model_config", None))
     for embedding in embeddings:
         load_embedding(pipe, embedding)
+    load_loras(pipe, list(loras))
     return pipe
+
+
+def _read_loras(args: argparse.Namespace) -> list[Any]:
+    """Each --lora FILE[:SCALE], its file checked before the model loads."""
+    from condkit.pipelines.lora import read_lora_arguments
+
+    return read_lora_arguments(args.lora)
+
+
+def _read_image_inputs(args: argparse.Namespace) -> Any:
+    """--init-image, --mask, --control-image read (and their flags checked) before the model loads."""
+    from condkit.pipelines.images_in import read_image
+    from condkit.pipelines.pipeline_choice import ImageInputs, check_image_flags
+
+    check_image_flags(args.init_image, args.mask, args.strength, args.controlnet, args.control_image)
+    return ImageInputs(
+        init_image=None if args.init_image is None else read_image(args.init_image, "--init-image"),
+        mask=None if args.mask is None else read_image(args.mask, "--mask", mode="L"),
+        control_images=[read_image(path, "--control-image") for path in args.control_image],
+        strength=args.strength,
+    )
+
+
+def _pipeline_for_image_inputs(pipe: Any, args: argparse.Namespace, inputs: Any, settings: Any) -> tuple[Any, dict, Any]:
+    """The pipeline for the image inputs (img2img, inpaint, ControlNet), its image arguments, and the settings with
+    the output size an init image sets."""
+    from dataclasses import replace
+
+    from condkit.pipelines.pipeline_choice import fit_to_init_image, load_controlnets, pipeline_for
+
+    controlnets = load_controlnets(args.controlnet, pipe.dtype)
+    if args.offload is None:
+        controlnets = [controlnet.to(pipe.device) for controlnet in controlnets]
+    pipe, arguments = pipeline_for(pipe, inputs, controlnets, model_name=f"--model {args.model!r}" if args.model else "the model",
+                                   controlnet_names=args.controlnet)
+    arguments, height, width = fit_to_init_image(pipe, arguments, settings.height, settings.width)
+    return pipe, arguments, replace(settings, height=height, width=width)
+
+
+def _enable_offload(pipe: Any, args: argparse.Namespace) -> None:
+    from condkit.pipelines.loading import resolve_device
+    from condkit.pipelines.offload import enable_offload
+
+    if args.offload is not None:
+        enable_offload(pipe, args.offload, resolve_device(args.device))
 
 
 def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, embeddings: list[Any]) -> dict[str, Any]:
@@ -571,12 +818,20 @@ def _run_record(pipe: Any, label: str, args: argparse.Namespace, settings: Any, 
         run["conditioner_options"] = options
     if embeddings:
         run["embeddings"] = {embedding.token: value for embedding, value in zip(embeddings, args.embedding)}
+    if args.lora:
+        run["loras"] = list(args.lora)
+    inputs = {name: getattr(args, name, None) for name in ("init_image", "mask", "strength", "offload", "model_config",
+                                                           "true_cfg_scale")}
+    inputs.update({name: getattr(args, name) for name in ("controlnet", "control_image") if getattr(args, name, None)})
+    run.update({name: value for name, value in inputs.items() if value is not None})
     return run
 
 
 def _build_conditioner(pipe: Any, args: argparse.Namespace) -> Any:
     from condkit.conditioning.registry import load_conditioner
+    from condkit.pipelines.transformer_options import check_max_sequence_length
 
+    check_max_sequence_length(pipe, getattr(args, "max_sequence_length", None))
     return load_conditioner(args.conditioner, pipe, **_conditioner_options(args))
 
 
@@ -606,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     from condkit.pipelines.library_noise import drop_irrelevant_library_messages
     from condkit.verbosity import log_to_stderr, quiet
 
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the model card of a training run
     drop_irrelevant_library_messages()
     log_to_stderr()
     _interrupt_on_sigterm()

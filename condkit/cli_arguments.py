@@ -51,6 +51,7 @@ multiple_of_8 = _checked("a positive multiple of 8", int, lambda value: value >=
 finite_float = _checked("a finite number", float, math.isfinite)
 non_negative_float = _checked("a finite number >= 0", float, lambda value: math.isfinite(value) and value >= 0)
 positive_float = _checked("a finite number > 0", float, lambda value: math.isfinite(value) and value > 0)
+strength = _checked("a number in (0, 1]", float, lambda value: 0 < value <= 1)  # NaN compares False
 
 
 def timestep(num_train_timesteps: int = 1000) -> Callable[[str], object]:

@@ -27,10 +27,10 @@ def default_model() -> Path:
 
 
 def load_pipeline(
-    model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None
+    model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, **options: Any
 ) -> Any:
     """A diffusers pipeline ready to run: `model` None means the embedded shapes-world pipeline,
     otherwise a pipeline folder or a hub id (see `condkit.pipelines.loading.load_pipeline`)."""
     from condkit.pipelines.loading import load_pipeline as load
 
-    return load(default_model() if model is None else model, device, dtype)
+    return load(default_model() if model is None else model, device, dtype, **options)

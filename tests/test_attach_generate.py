@@ -78,11 +78,19 @@ def test_features_refuse_to_run_without_attach():
         pipe(**recorder.encode("a red circle").kwargs(), num_inference_steps=2, height=32, width=32, output_type="np")
 
 
-def test_static_conditioner_installs_nothing():
+def test_clip_hooks_leave_plain_embeddings_alone_and_leave_with_the_block():
+    # CLIP prompts may schedule (A1111 prompt editing), so attach hooks the UNet; plain embeddings pass untouched.
     pipe = tiny_sd_pipeline()
     unet = pipe.unet
-    with attach(pipe, CLIPConditioner.from_pipeline(pipe)):
-        assert pipe.unet is unet and not unet._forward_pre_hooks
+    clip = CLIPConditioner.from_pipeline(pipe)
+    cond = clip.encode("a red circle", "blurry")
+    settings = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    alone = pipe(**cond.kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
+    with attach(pipe, clip):
+        assert pipe.unet is unet and len(unet._forward_pre_hooks) == 1
+        attached = pipe(**cond.kwargs(), generator=torch.Generator().manual_seed(0), **settings).images
+    assert np.array_equal(attached, alone)
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
 
 
 @pytest.mark.parametrize("kind", ["sd", "img2img", "sdxl"])

@@ -51,14 +51,16 @@ def test_from_pipe_inside_the_block_runs_plainly_and_keeps_no_condkit_state():
     assert other.config.unet == ("diffusers", "UNet2DConditionModel")
 
 
-def test_a_second_attach_on_the_same_denoiser_is_refused():
+def test_a_second_conditioner_on_the_same_denoiser_is_refused_and_the_same_one_nests():
     pipe = tiny_sd_pipeline()
     conditioner = projected(pipe)
     with attach(pipe, conditioner):
         with pytest.raises(RuntimeError, match="already attached"):
-            with attach(pipe, conditioner):
+            with attach(pipe, projected(pipe)):
                 pass
-        assert len(pipe.unet._forward_pre_hooks) == 1
+        with attach(pipe, conditioner):  # generate() inside a user's attach block: nothing more is hooked
+            assert len(pipe.unet._forward_pre_hooks) == 1
+        assert len(pipe.unet._forward_pre_hooks) == 1  # the inner block leaves the outer one's hook in place
     assert not pipe.unet._forward_pre_hooks
 
 

@@ -22,6 +22,7 @@ POSITIVE_FLOAT = ["0", "-1", "nan", "inf", "abc"]
 NON_NEGATIVE_FLOAT = ["-1", "nan", "inf", "abc"]
 MULTIPLE_OF_8 = ["0", "30", "-8", "abc", "63"]
 TIMESTEP = ["-1", "1000", "abc", "500.5"]
+STRENGTH = ["0", "-0.5", "1.01", "nan", "inf", "abc"]  # (0, 1]
 
 SAMPLING = {"--seed": SEED, "--steps": POSITIVE_INT, "--guidance": FINITE, "--batch-size": POSITIVE_INT,
             "--height": MULTIPLE_OF_8, "--width": MULTIPLE_OF_8, "--clip-skip": NON_NEGATIVE_INT}
@@ -30,7 +31,7 @@ TEXTUAL_INVERSION = {"--max-train-steps": POSITIVE_INT, "--train-batch-size": PO
                      "--resolution": MULTIPLE_OF_8, "--checkpointing-steps": POSITIVE_INT, "--seed": SEED,
                      "--num-vectors": POSITIVE_INT}
 COMMANDS = {
-    ("generate", "--prompt", "x"): {**SAMPLING, "--num-images": POSITIVE_INT},
+    ("generate", "--prompt", "x", "--init-image", "i.png"): {**SAMPLING, "--num-images": POSITIVE_INT, "--strength": STRENGTH},
     ("eval",): {**SAMPLING, "-n": POSITIVE_INT, "--limit": POSITIVE_INT},
     ("world", "train"): {"--seed": SEED},
     ("train", "textual-inversion"): TEXTUAL_INVERSION,
@@ -40,7 +41,9 @@ COMMANDS = {
                              "--learning-rate": POSITIVE_FLOAT, "--seed": SEED, "--checkpointing-steps": POSITIVE_INT},
     ("train", "adapter", "--kind", "projection"): {"--switch-off-timestep": TIMESTEP, "--steps": POSITIVE_INT,
                                                    "--batch-size": POSITIVE_INT, "--learning-rate": POSITIVE_FLOAT,
-                                                   "--dataset-size": POSITIVE_INT, "--seed": SEED},
+                                                   "--dataset-size": POSITIVE_INT, "--seed": SEED,
+                                                   "--resolution": MULTIPLE_OF_8, "--gradient-accumulation-steps": POSITIVE_INT,
+                                                   "--validation-steps": POSITIVE_INT},
     ("convert", "longclip", "in.pt", "out"): {"--keep": POSITIVE_INT, "--num-heads": POSITIVE_INT},
 }
 def flag_with(flag: str, value: str) -> list[str]:
@@ -63,6 +66,8 @@ CHOICE_CASES = [
     (["generate", "--prompt", "x", "--prompt-file", "p.txt"], "--prompt-file"),
     (["train", "adapter", "--kind", "projection", "--data", "5"], "'5'"),  # a folder, never --dataset-size 5
     (["train", "adapter", "--kind", "projection", "--dataset-siz", "5"], "--dataset-siz"),
+    (["train", "adapter", "--kind", "projection", "--mixed-precision", "fp8"], "fp8"),
+    (["train", "long-clip", "--mixed-precision", "fp8"], "fp8"),
     (["nope"], "nope"),
     (["train"], "METHOD"),
     (["generate", "--prompt"], "--prompt"),
@@ -125,6 +130,20 @@ def file_cases(folder, model_dir) -> list[tuple[list[str], str]]:
     model = ["--model", str(model_dir), "--quiet"]  # no loading bars: stderr is the error line alone
     out = ["--out", str(folder / "never")]
     ti = ["train", "textual-inversion", *model, "--images", str(images), "--initializer", "red", "--train-batch-size", "1", *out]
+    adapter = ["train", "adapter", "--kind", "projection", *model, *out]
+    empty = folder / "empty"
+    empty.mkdir()
+    broken = folder / "broken"
+    broken.mkdir()
+    Image.new("RGB", (32, 32), "red").save(broken / "fine.png")
+    write(broken, "fine.txt", "a red square")
+    write(broken, "bad.png", b"not a png")
+    write(broken, "bad.txt", "a broken square")
+    listed = folder / "listed"
+    listed.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), "red").save(listed / name)
+    write(listed, "metadata.jsonl", '{"file_name": "a.png", "text": "red"}\n{"file_name": "b.png", "prompt": "red"}\n')
     return [
         (["generate", *model, "--prompt", "x", "--embedding", truncated, *out], "truncated.safetensors"),
         (["generate", *model, "--prompt", "x", "--embedding", text, *out], "notes.txt"),
@@ -142,6 +161,17 @@ def file_cases(folder, model_dir) -> list[tuple[list[str], str]]:
         (["generate", *model, "--prompt", "(" * 20000 + "red", *out], "nest"),
         (["generate", "--model", str(images), "--prompt", "x", *out], "model_index.json"),
         (["generate", *model, "--prompt", "x", "--clip-skip", "99", *out], "99"),
+        (["generate", *model, "--prompt", "x", "--lora", str(folder / "missing.safetensors"), *out], "missing.safetensors"),
+        (["generate", *model, "--prompt", "x", "--lora", truncated, *out], "truncated.safetensors"),
+        (["eval", *model, "--lora", text, *out], "notes.txt"),
+        (["generate", *model, "--prompt", "x", "--init-image", str(folder / "missing.png"), *out], "missing.png"),
+        (["generate", *model, "--prompt", "x", "--init-image", text, *out], "notes.txt"),
+        (["generate", *model, "--prompt", "x", "--init-image", str(images / "a.png"), "--mask", text, *out], "notes.txt"),
+        (["generate", *model, "--prompt", "x", "--controlnet", str(images), "--control-image", text, *out], "notes.txt"),
+        (["generate", *model, "--prompt", "x", "--controlnet", str(images), "--control-image", str(images / "a.png"), *out],
+         "not a ControlNet folder"),
+        (["generate", *model, "--prompt", "x", "--offload", "sequential", "--device", "cpu", *out], "--offload sequential"),
+        (["generate", "--model", str(folder / "model.ckpt"), "--prompt", "x", *out], "model.ckpt"),
         (["generate", *model, "--prompt", "x", "--conditioner", "projected", *out], "--opt projection="),
         (["generate", *model, "--prompt", "x", "--conditioner", "llm-adapter", *out], "--opt connector="),
         (["eval", *model, "--prompt-set", "nope", *out], "nope"),
@@ -162,6 +192,24 @@ def file_cases(folder, model_dir) -> list[tuple[list[str], str]]:
         (["train", "core", *model, "--images", str(images), "--initializer", "red", "--test-time", "no placeholder", *out],
          "no placeholder"),
         (["train", "long-clip", "--clip", str(folder / "none"), *out], "none"),
+        ([*adapter, "--data", str(empty)], "no images found in"),
+        ([*adapter, "--data", str(images)], "a.png' has no caption"),
+        ([*adapter, "--data", str(listed)], "line 2 has no 'text'"),
+        ([*adapter, "--data", str(listed), "--caption-column", "caption"], "its columns are: file_name, prompt, text"),
+        ([*adapter, "--data", str(broken)], "bad.png"),
+        ([*adapter, "--dataset", "./no-such-dataset"], "dataset folder './no-such-dataset' does not exist"),
+        ([*adapter, "--dataset", text], "is a file"),
+        ([*adapter, "--report-to", "tensorboard"], "needs the tensorboard package"),
+        ([*adapter, "--report-to", "tensorbored"], "tensorbored"),
+        ([*adapter, "--use-8bit-adam"], "bitsandbytes"),
+        ([*adapter, "--push-to-hub", "me/run"], "HF_HUB_OFFLINE"),
+        ([*adapter, "--push-to-hub", "not a repo"], "'not a repo'"),
+        ([*adapter, "--validation-steps", "5"], "--validation-prompt"),
+        ([*ti, "--report-to", "tensorboard"], "tensorboard"),
+        ([*ti, "--use-8bit-adam"], "bitsandbytes"),
+        (["train", "long-clip", "--short-caption-column", "short", *out], "--short-caption-column"),
+        (["train", "long-clip", "--data", str(listed), "--caption-column", "text", "--short-caption-column", "short", *out],
+         "column 'short' is not in"),
         (["convert", "longclip", text, str(folder / "converted")], "notes.txt"),
         (["convert", "longclip", str(folder / "missing.pt"), str(folder / "converted")], "missing.pt"),
         (["convert", "longclip", text, str(earlier)], "earlier"),

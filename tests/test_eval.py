@@ -46,6 +46,16 @@ def test_eval_writes_table_json_and_grid(tmp_path, capsys):
     assert len(report["prompts"]) == 2 and all(len(p["scores"]) == 2 for p in report["prompts"])
     assert report["prompt_set"] == "long" and 0.0 <= report["table"]["long"]["object_recall"] <= 1.0
     assert (out / "grid.png").is_file()
+    # Every metric of every category has its interval; the per-category scores are kept for --compare.
+    for category, metrics in report["table"].items():
+        for metric, value in metrics.items():
+            low, high = report["intervals"][category][metric]
+            assert low - 1e-9 <= value <= high + 1e-9, (category, metric)
+    assert {"long", "trained pairs"} <= set(report["table"]) and "crossed" in report["bootstrap"]["method"]
+    assert all(p["seeds"] == [0, 1] and len(p["scores_by_category"]["long"]) == 2 for p in report["prompts"])
+    assert "[" in printed and "bootstrap interval" in printed
+    assert main(["eval", "--compare", str(out / "eval.json"), str(out / "eval.json")]) == 0
+    assert "+0.000 [+0.000, +0.000]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

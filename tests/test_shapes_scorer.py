@@ -190,3 +190,24 @@ def test_aggregate_skips_missing_values_and_table_lists_categories():
     assert "object_recall" in lines[0] and "relations" in lines[0] and "colour" not in lines[0]
     assert lines[2].startswith("short") and "0.750" in lines[2] and "0.500" in lines[2]
     assert lines[3].startswith("long") and "0.250" in lines[3] and "-" in lines[3]
+
+
+def test_equal_matches_are_broken_by_the_relations_they_satisfy():
+    # Both orange circles fit "an orange circle"; only the one far to the right of the pink circle
+    # satisfies the relation, so the matching must give it to the second object.
+    scene = Scene(
+        objects=(
+            SceneObject("circle", "orange", "small", 0.8, 0.2),
+            SceneObject("circle", "pink", "small", 0.15, 0.5),
+            SceneObject("circle", "orange", "small", 0.18, 0.85),
+        ),
+        background="white",
+    )
+    spec = Spec(
+        objects=[_requirement(shape="circle", colour="orange"), _requirement(shape="circle", colour="pink"),
+                 _requirement(shape="circle", colour="orange")],
+        relations=[(2, "to the right of", 1)],
+    )  # fmt: skip
+    assert score(render(scene), spec)["relations"] == 1.0
+    swapped = Spec(objects=spec.objects, relations=[(0, "to the right of", 1)])
+    assert score(render(scene), swapped)["relations"] == 1.0

@@ -301,7 +301,7 @@ def test_validation_images_are_saved_and_do_not_change_the_curve(parts, tmp_path
     assert seen == [(2, False, False), (4, False, False), (6, False, False)]
     assert [folder.name for folder in result.validation_dirs] == ["step-000002", "step-000004", "step-000006"]
     for folder in result.validation_dirs:
-        assert sorted(path.name for path in folder.iterdir()) == ["00.png", "01.png"]
+        assert sorted(path.name for path in folder.iterdir()) == ["00.png", "01.png", "grid.png"]
         assert Image.open(folder / "00.png").getpixel((0, 0))[1] == int(folder.name[-1])
 
 
@@ -587,3 +587,31 @@ def test_two_processes_average_gradients_like_one_process_with_the_whole_batch(p
     assert reports[0]["losses"] == pytest.approx(result.losses, rel=1e-5)
     # Adam divides by the gradient's own scale, so float reduction order shows up at ~1e-5 of the weights.
     assert torch.allclose(weights[0], single.offset.detach(), atol=1e-4)
+
+
+def test_the_same_command_under_two_processes_gives_the_one_process_result(tmp_path) -> None:
+    """`condkit train adapter` with random crops and flips: 2 processes x 1 image x 2 micro-batches = 1 x 2 x 2."""
+    from condkit.cli import main
+    from tiny_models import tiny_sd_pipeline
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    tiny_sd_pipeline().save_pretrained(model)
+    data.mkdir()
+    for index, (image, caption) in enumerate(colour_dataset(8, size=24)):
+        image.save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text(caption)
+    command = ["train", "adapter", "--kind", "projection", "--project-all-timesteps", "--model", str(model), "--data", str(data),
+               "--steps", "2", "--learning-rate", "0.01", "--resolution", "16", "--random-crop", "--flip",
+               "--gradient-accumulation-steps", "2", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_script([*torchrun, str(SCRIPT), "--condkit", *command, "--batch-size", "1", "--out", str(tmp_path / "two")])
+    assert main([*command, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+
+    weights = "conditioner/projection/diffusion_pytorch_model.safetensors"
+    two, one = load_file(tmp_path / "two" / weights), load_file(tmp_path / "one" / weights)
+    assert any(tensor.abs().max() > 0 for tensor in one.values())
+    for name in one:  # Adam's first steps are ~lr·sign(gradient): reduction order shows at ~3e-5 of 0.02 weights
+        assert torch.allclose(two[name], one[name], atol=1e-4), name
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "loss_log.jsonl").read_text().splitlines()]
+              for run in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -2,11 +2,13 @@
 
     torchrun --standalone --nproc_per_node 2 tests/train_loop_ddp_script.py OUT_DIR
     python tests/train_loop_ddp_script.py OUT_DIR --mixed-precision bf16
+    torchrun --standalone --nproc_per_node 2 tests/train_loop_ddp_script.py --condkit train adapter ...
 
 Each process writes OUT_DIR/rank<r>.json (the image indices it trained on, its losses, the dtype
 of the UNet's predictions) and OUT_DIR/rank<r>.safetensors (its trainable weights after
 training). A run of its own in a fresh interpreter also lets a test pick a mixed precision,
-which accelerate fixes once per process.
+which accelerate fixes once per process. With --condkit the rest of the line is a condkit command
+line, run on every process (the same command a user would start with accelerate launch).
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def main(out_dir: Path, mixed_precision: str) -> None:
 
 
 if __name__ == "__main__":
+    if "--condkit" in sys.argv:
+        from condkit.cli import main as condkit_main
+
+        sys.exit(condkit_main(sys.argv[sys.argv.index("--condkit") + 1 :]))
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--mixed-precision", default="no")

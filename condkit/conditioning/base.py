@@ -31,6 +31,7 @@ from condkit.conditioning.pipeline_fit import check_output_fits, conditioner_out
 from condkit.files import write_folder_atomically
 
 CONFIG_NAME = "conditioner_config.json"
+RUN_CONDITIONER = "conditioner"  # where a training run folder keeps its conditioner
 Prompt = str | list[str]  # one prompt, or one per image of the batch
 
 
@@ -182,7 +183,7 @@ class Conditioner(nn.Module):
         """Rebuild a saved conditioner on `pipe`; `options` override the saved config."""
         from condkit.conditioning.registry import get_conditioner_class
 
-        folder = Path(folder)
+        folder = saved_folder(Path(folder))
         record = read_saved_record(folder)
         saved_class = get_conditioner_class(record["conditioner"])
         if not issubclass(saved_class, cls):
@@ -191,10 +192,18 @@ class Conditioner(nn.Module):
         return saved_class.from_pipeline(pipe, **{**record["config"], **saved_class.load_parts(folder, pipe), **options})
 
 
+def saved_folder(folder: Path) -> Path:
+    """`folder`, or its conditioner/ when `folder` is a training run (`condkit train ...` writes RUN/conditioner)."""
+    if not (folder / CONFIG_NAME).is_file() and (folder / RUN_CONDITIONER / CONFIG_NAME).is_file():
+        return folder / RUN_CONDITIONER
+    return folder
+
+
 def read_saved_record(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"conditioner folder {str(folder)!r} does not exist")
+    folder = saved_folder(folder)
+    path = folder / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{str(folder)!r} is not a saved conditioner (no {CONFIG_NAME}); expected a folder written by save_pretrained")
     try:

@@ -20,7 +20,11 @@ Layers, as diffusers reads them:
 - SD: last_hidden_state; with clip_skip=k, final_layer_norm(hidden_states[-(k + 1)]).
 - SDXL: hidden_states[-(k + 2)] (penultimate by default, no final norm) of both encoders,
   concatenated; pooled output = text_embeds of encoder 2 for the first chunk; an omitted negative
-  prompt gives zeros when the pipeline's force_zeros_for_empty_prompt is set.
+  prompt gives zeros when the pipeline's force_zeros_for_empty_prompt is set (an explicit "" too with
+  empty_negative="zeros", as A1111; by default it is encoded as text, as diffusers does).
+
+A1111 prompt editing, alternation and AND ("a [cat:dog:0.5]", "[red|blue]", "a AND b :1.2") are read by
+`encode()`, which returns per-step features for such prompts (`scheduled_prompts`); `embed()` stays static.
 
 One deliberate difference: diffusers' SD encode_prompt ignores clip_skip for the negative prompt;
 here clip_skip applies to both, as in A1111, so positive and negative come from the same layer.
@@ -35,6 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 from torch import nn
 
 from condkit.conditioning.base import Conditioner, Conditioning, Prompt, as_negative_list, as_prompt_list
@@ -42,6 +47,7 @@ from condkit.conditioning.registry import register_conditioner
 from condkit.conditioning.chunking import TokenChunks, chunk_prompt, empty_chunk, pad_chunks
 from condkit.conditioning.embeddings import expand_prompt
 from condkit.conditioning.prompt_syntax import check_prompt_characters
+from condkit.conditioning.scheduled_prompts import ComposedRows, conditioning_at_step, scheduled_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,16 @@ logger = logging.getLogger(__name__)
 EMPHASIS_MODES: tuple[str, ...] = ("original", "no_norm", "ignore", "none")
 """The `emphasis=` values; A1111's display names "Original", "No norm", "Ignore", "None" are accepted too."""
 _EMPHASIS_ALIASES = {**{mode: mode for mode in EMPHASIS_MODES}, "no norm": "no_norm"}
+EMPTY_NEGATIVE_MODES: tuple[str, ...] = ("text", "zeros")
+"""The `empty_negative=` values: what an explicit "" negative prompt gives where the pipeline forces zeros for
+empty prompts (SDXL's force_zeros_for_empty_prompt): "text" encodes "" as diffusers' encode_prompt does,
+"zeros" gives zeros as A1111 does. An omitted negative gives zeros either way."""
+
+
+def check_empty_negative(value: Any) -> str:
+    if value not in EMPTY_NEGATIVE_MODES:
+        raise ValueError(f"empty_negative must be one of {', '.join(map(repr, EMPTY_NEGATIVE_MODES))}, got {value!r}")
+    return value
 
 
 def normalize_emphasis(value: Any) -> str:
@@ -162,10 +178,20 @@ class CLIPConditioner(Conditioner):
             (see the module docstring); A1111's display names ("No norm", ...) are accepted.
         lora_scale: the scale of LoRA layers loaded into the text encoders (peft), applied while
             encoding exactly as the pipeline's `encode_prompt(lora_scale=...)`; None leaves them as they are.
+        empty_negative: with zero_empty_negative, what an explicit "" negative gives: "text" (default, as
+            diffusers' encode_prompt) or "zeros" (as A1111); an omitted negative gives zeros either way.
+
+    Prompts with A1111 prompt editing ("[a:b:0.5]"), alternation ("[a|b]") or AND come out of `encode()`
+    as features that `attach`'s hooks turn into each step's conditioning (see `scheduled_prompts`);
+    every other prompt is encoded statically, as `embed()` always does.
     """
 
-    config_names = ("clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of", "emphasis", "lora_scale")
+    config_names = (
+        "clip_skip", "zero_empty_negative", "max_chunks", "window", "pad_to_multiple_of", "emphasis", "lora_scale",
+        "empty_negative",
+    )  # fmt: skip
     reproduces_pipeline_prompts = True
+    schedules_prompts = True  # encode() may give per-step features, so attach installs its hooks
 
     def __init__(
         self,
@@ -179,9 +205,11 @@ class CLIPConditioner(Conditioner):
         pad_to_multiple_of: int | None = None,
         emphasis: str = "original",
         lora_scale: float | None = None,
+        empty_negative: str = "text",
     ) -> None:
         super().__init__()
         emphasis = normalize_emphasis(emphasis)
+        self.empty_negative = check_empty_negative(empty_negative)
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
             raise ValueError(
                 f"expected one (SD) or two (SDXL) tokenizer/text-encoder pairs, got {len(tokenizers)} tokenizers "
@@ -214,9 +242,14 @@ class CLIPConditioner(Conditioner):
         return has_projection(self.text_encoders[-1])
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, **options: Any) -> CLIPConditioner:
+    def from_pipeline(cls, pipe: Any, **options: Any) -> Conditioner:
         """Wrap a StableDiffusion(XL) pipeline's own tokenizers and text encoders (shared, not copied); the SDXL
-        refiner, which has only the second encoder, included."""
+        refiner, which has only the second encoder, included. An SD3 or Flux pipeline gets its own conditioner
+        (SD3CLIPConditioner, FluxCLIPConditioner), which saves and loads as "clip" too."""
+        if cls is CLIPConditioner and getattr(pipe, "transformer", None) is not None:
+            from condkit.conditioning.transformer_pipelines import transformer_clip_conditioner
+
+            return transformer_clip_conditioner(pipe, **options)
         tokenizers, encoders = pipeline_text_encoders(pipe)
         if getattr(pipe, "text_encoder_2", None) is not None:
             options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
@@ -236,6 +269,21 @@ class CLIPConditioner(Conditioner):
         with scaled_lora_layers(self.text_encoders, self.lora_scale):
             return self._embed(prompt, negative_prompt, num_images_per_prompt, prompt_2, negative_prompt_2)
 
+    def encode(
+        self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1, **per_encoder_prompts: Prompt
+    ) -> Conditioning:
+        """`embed` without gradients, or, for prompts with A1111 prompt editing, alternation or AND, features
+        that `attach` maps at every step to that step's `embed`."""
+        with torch.no_grad():
+            scheduled = scheduled_conditioning(self, prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts)
+            return scheduled if scheduled is not None else self.embed(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts)
+
+    def at_timestep(
+        self, features: torch.Tensor, timestep: torch.Tensor, step: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | ComposedRows:
+        """Each row's conditioning at denoising step `step` = (k, N), 1-based; by default the step attach sets."""
+        return conditioning_at_step(self, features, step)
+
     def denoiser_inputs(self, prompt: Prompt, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The positive rows of `embed` alone (training needs no negatives), outside autocast as at inference."""
         with torch.autocast(self.device.type, enabled=False), scaled_lora_layers(self.text_encoders, self.lora_scale):
@@ -252,7 +300,11 @@ class CLIPConditioner(Conditioner):
         prompts_2 = prompts if prompt_2 is None else as_negative_list(prompt_2, len(prompts), "prompt_2")
         negatives = as_negative_list(negative_prompt, len(prompts))
         negatives_2 = as_negative_list(negative_prompt_2, len(prompts), "negative_prompt_2")
-        zero_negative = negatives is None and self.zero_empty_negative  # as diffusers: negative_prompt_2 alone is not enough
+        # As diffusers: negative_prompt_2 alone is not enough. An explicit "" only with empty_negative="zeros" (A1111 zeros
+        # a batch's negatives when all are empty).
+        explicitly_empty = self.empty_negative == "zeros" and negatives is not None and all(not n for n in negatives)
+        explicitly_empty = explicitly_empty and (negatives_2 is None or all(not n for n in negatives_2))
+        zero_negative = (negatives is None or explicitly_empty) and self.zero_empty_negative
         negatives = negatives or [""] * len(prompts)
         negatives_2 = negatives_2 or negatives
         if not with_negatives or zero_negative:
@@ -335,20 +387,23 @@ class CLIPConditioner(Conditioner):
     def _encode_group(
         self, chunks_per_encoder: list[list[TokenChunks]], n_chunks: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encode one batch of prompts with every encoder; concatenate hidden states, pool from encoder 2."""
-        hidden_parts, pooled = [], None
+        """Encode one batch of prompts with every encoder; concatenate hidden states, and the pooled text_embeds
+        of every encoder that has a projection (SDXL: encoder 2; SD3's CLIP-L and CLIP-G: both)."""
+        hidden_parts, pooled_parts = [], []
         for tokenizer, encoder, group in zip(self.tokenizers, self.text_encoders, chunks_per_encoder):
             filler = empty_chunk(tokenizer, self.window)
             group = [pad_chunks(c, n_chunks, filler) for c in group]
-            ids = torch.cat([c.input_ids for c in group]).to(encoder.device)
-            weights = torch.stack([c.weights for c in group]).to(encoder.device)
+            device = get_module_execution_device(encoder)  # offload-aware: where its hooks run it, not where its weights wait
+            ids = torch.cat([c.input_ids for c in group]).to(device)
+            weights = torch.stack([c.weights for c in group]).to(device)
             output = encoder(ids, output_hidden_states=self.is_sdxl or self.clip_skip is not None)
             states = self._select_layer(encoder, output).view(len(group), n_chunks, self.window, -1)
             states = apply_emphasis(states, weights, self.emphasis)
             hidden_parts.append(states.reshape(len(group), n_chunks * self.window, -1))
             if getattr(output, "text_embeds", None) is not None:
-                pooled = output.text_embeds.view(len(group), n_chunks, -1)[:, 0]
+                pooled_parts.append(output.text_embeds.view(len(group), n_chunks, -1)[:, 0])
         hidden = torch.cat(hidden_parts, dim=-1)[:, :length].to(self.text_encoders[-1].dtype)
+        pooled = torch.cat(pooled_parts, dim=-1) if pooled_parts else None
         return hidden, (None if pooled is None else pooled.to(hidden.dtype))
 
     def _select_layer(self, encoder: nn.Module, output: Any) -> torch.Tensor:

@@ -13,6 +13,9 @@ The file formats, by the name `detect_format` returns:
 - "sdxl_single_file": {"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]} (A1111, civitai, kohya SDXL).
 - "clip_l": {"clip_l": tensor[n, 768]} (diffusers' advanced pivotal-tuning scripts for SD1.x).
 - "kohya": {"emb_params": tensor[n, width]} (kohya sd-scripts).
+- "sd3_single_file": {"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280], "t5xxl": tensor[n, 4096]} and
+  "flux_single_file": {"clip_l": tensor[n, 768], "t5xxl": tensor[n, 4096]}: ComfyUI's keys for SD3's and
+  Flux's encoders (its loader takes each encoder's vectors from its key), one vector set per encoder.
 
 Token names: an explicit `token` wins; otherwise the diffusers key or A1111's "name" field (as
 diffusers reads them); formats that store no name take the file name's stem, as A1111 does.
@@ -36,7 +39,9 @@ import torch
 
 from condkit.files import load_pickle_safely, write_atomically
 
-FORMATS = ("diffusers", "diffusers_sdxl", "a1111", "sdxl_single_file", "clip_l", "kohya")
+FORMATS = ("diffusers", "diffusers_sdxl", "a1111", "sdxl_single_file", "clip_l", "kohya", "sd3_single_file", "flux_single_file")
+ENCODER_KEYS = {"sdxl_single_file": ("clip_l", "clip_g"), "sd3_single_file": ("clip_l", "clip_g", "t5xxl"),
+                "flux_single_file": ("clip_l", "t5xxl")}  # the vectors' keys, in text-encoder order
 SINGLE_ENCODER_FORMATS = ("diffusers", "a1111", "clip_l", "kohya")
 DIFFUSERS_FILE_STEM = "learned_embeds"
 SECOND_FILE_MARK = "_2"
@@ -131,7 +136,7 @@ def write_embedding(
     format = format or _default_format(embedding, path)
     if format not in FORMATS:
         raise ValueError(f"unknown embedding format {format!r}; expected one of: {', '.join(FORMATS)}")
-    expected_encoders = 1 if format in SINGLE_ENCODER_FORMATS else 2
+    expected_encoders = 1 if format in SINGLE_ENCODER_FORMATS else len(ENCODER_KEYS.get(format, (0, 0)))
     if len(embedding.vectors) != expected_encoders:
         raise ValueError(
             f"format {format!r} holds vectors for {expected_encoders} text encoder(s), but embedding "
@@ -174,8 +179,8 @@ def _contents(embedding: LearnedEmbedding, format: str) -> list[dict[str, Any]]:
                 "sd_checkpoint_name": None,
             }
         ]
-    if format == "sdxl_single_file":
-        return [{"clip_l": vectors[0], "clip_g": vectors[1]}]
+    if format in ENCODER_KEYS:
+        return [dict(zip(ENCODER_KEYS[format], vectors))]
     if format == "clip_l":
         return [{"clip_l": vectors[0]}]
     return [{"emb_params": vectors[0]}]
@@ -220,8 +225,8 @@ def _read(path: Path, token: str | None) -> tuple[str, LearnedEmbedding]:
     if format == "a1111":
         return format, _from_a1111(data, path, token)
     stem_token = token or path.stem
-    if format == "sdxl_single_file":
-        return format, LearnedEmbedding(stem_token, [data["clip_l"], data["clip_g"]])
+    if format in ENCODER_KEYS:
+        return format, LearnedEmbedding(stem_token, [data[key] for key in ENCODER_KEYS[format]])
     if format == "clip_l":
         return format, LearnedEmbedding(stem_token, [data["clip_l"]])
     return format, LearnedEmbedding(stem_token, [data["emb_params"]])
@@ -259,8 +264,9 @@ def _classify(data: Any, path: Path) -> str:
     keys = set(data)
     if "string_to_param" in keys:
         return "a1111"
-    if keys == {"clip_l", "clip_g"}:
-        return "sdxl_single_file"
+    for format, encoder_keys in ENCODER_KEYS.items():
+        if keys == set(encoder_keys):
+            return format
     if keys == {"clip_l"}:
         return "clip_l"
     if keys == {"emb_params"}:
@@ -270,7 +276,8 @@ def _classify(data: Any, path: Path) -> str:
     shown = ", ".join(repr(k) for k in sorted(map(str, keys))[:8]) + (", …" if len(keys) > 8 else "")
     raise ValueError(
         f"unknown textual-inversion format in {path}: found keys [{shown}]; expected one {{token: tensor}} "
-        "(diffusers), 'string_to_param' (A1111), 'clip_l' + 'clip_g' (SDXL), 'clip_l', or 'emb_params' (kohya)"
+        "(diffusers), 'string_to_param' (A1111), 'clip_l' + 'clip_g' (SDXL), 'clip_l' + 'clip_g' + 't5xxl' (SD3), "
+        "'clip_l' + 't5xxl' (Flux), 'clip_l', or 'emb_params' (kohya)"
     )
 
 

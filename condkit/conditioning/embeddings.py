@@ -120,7 +120,9 @@ def text_encoder_pairs(target: Target) -> tuple[list[Any], list[nn.Module]]:
     else:
         pairs = [
             (getattr(target, tokenizer_name, None), getattr(target, encoder_name, None))
-            for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+            for tokenizer_name, encoder_name in (
+                ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")
+            )  # SD: one; SDXL: CLIP-L, CLIP-G; SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5
         ]
         pairs = [pair for pair in pairs if pair[0] is not None and pair[1] is not None]
         if not pairs:
@@ -138,7 +140,8 @@ def _check_fits(embedding: LearnedEmbedding, tokenizers: list[Any], encoders: li
     if len(embedding.vectors) != len(encoders):
         raise ValueError(
             f"embedding {embedding.token!r} has vectors for {len(embedding.vectors)} text encoder(s), "
-            f"but the target has {len(encoders)}; expected an {'SDXL' if len(encoders) == 2 else 'SD1.x/2.x'} embedding"
+            f"but the target has {len(encoders)} ({', '.join(type(encoder).__name__ for encoder in encoders)}); expected one "
+            "vector set per text encoder"
         )
     for index, (encoder, width) in enumerate(zip(encoders, embedding.widths), start=1):
         expected = encoder.get_input_embeddings().weight.shape[1]

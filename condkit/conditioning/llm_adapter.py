@@ -227,14 +227,14 @@ class LLMAdapterConditioner(Conditioner):
         cls.check_options({"connector": connector})
         if not isinstance(language_model, nn.Module):
             tokenizer, language_model = load_language_model(language_model)
-            language_model = language_model.to(pipe.device)
+            language_model = language_model.to(pipe._execution_device)
         elif tokenizer is None:
             raise ValueError("a language model given as a module needs its tokenizer")
         if isinstance(connector, str) and connector == "new":
             connector = connector_for_pipeline(pipe, language_model_width(language_model), num_latents, num_blocks)
         elif not isinstance(connector, nn.Module):
             connector = load_connector(connector, **(connector_config or {}))
-        connector = connector.to(pipe.device)
+        connector = connector.to(pipe._execution_device)  # offload-aware, as diffusers places inputs
         expected = pipeline_input(pipe)
         if expected["pooled_width"] is not None and connector.pooled_head is None:
             raise ValueError(

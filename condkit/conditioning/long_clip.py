@@ -24,10 +24,12 @@ the UNet attends to every position, so the two choices give different images.
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 from torch import nn
 
 from condkit.conditioning import CLIP_POSITIONS
@@ -135,7 +137,8 @@ class LongCLIPConditioner(CLIPConditioner):
     Args:
         tokenizers, text_encoders: as CLIPConditioner; every encoder must accept the same number of
             positions (stretched or converted Long-CLIP models).
-        clip_skip, zero_empty_negative, emphasis: as CLIPConditioner.
+        clip_skip, zero_empty_negative, emphasis, empty_negative: as CLIPConditioner (prompt editing, alternation
+            and AND included).
         max_chunks: None (default) splits long prompts into several windows; 1 truncates at one
             window with a warning naming the number of dropped tokens.
         pad_to_multiple_of: 77 (default) returns the last window's states only up to the smallest
@@ -151,6 +154,7 @@ class LongCLIPConditioner(CLIPConditioner):
 
     config_names = (
         "clip_skip", "zero_empty_negative", "max_chunks", "pad_to_multiple_of", "emphasis", "keep", "ratio", "pad_token",
+        "empty_negative",
     )  # fmt: skip
     reproduces_pipeline_prompts = False
     keep: int = LONG_CLIP_KEEP
@@ -168,6 +172,7 @@ class LongCLIPConditioner(CLIPConditioner):
         max_chunks: int | None = None,
         pad_to_multiple_of: int | None = CLIP_POSITIONS,
         emphasis: str = "original",
+        empty_negative: str = "text",
     ) -> None:
         windows = sorted({position_count(encoder) for encoder in text_encoders})
         if len(windows) > 1:
@@ -181,6 +186,7 @@ class LongCLIPConditioner(CLIPConditioner):
             window=windows[0] if windows else None,
             pad_to_multiple_of=pad_to_multiple_of,
             emphasis=emphasis,
+            empty_negative=empty_negative,
         )
 
     @classmethod
@@ -202,7 +208,12 @@ class LongCLIPConditioner(CLIPConditioner):
         SDXL's second encoder is stretched, as the Long-CLIP SDXL demo does. The tokenizer comes from
         the folder's tokenizer/ when present, else from the pipeline. `pad_token`: see
         `stretch_tokenizer`; None keeps each tokenizer's own (SD1.x: <|endoftext|>; SDXL's second: "!").
+        An SD3 or Flux pipeline gets its own conditioner (see `transformer_long_clip`).
         """
+        if cls is LongCLIPConditioner and getattr(pipe, "transformer", None) is not None:
+            from condkit.conditioning.transformer_long_clip import transformer_long_clip_conditioner
+
+            return transformer_long_clip_conditioner(pipe, text_encoder_path, keep=keep, ratio=ratio, pad_token=pad_token, **options)
         pairs = list(zip(*pipeline_text_encoders(pipe)))
         if getattr(pipe, "text_encoder_2", None) is not None:
             options.setdefault("zero_empty_negative", bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
@@ -217,7 +228,14 @@ class LongCLIPConditioner(CLIPConditioner):
         conditioner = cls(tokenizers, encoders, **options)
         conditioner.keep, conditioner.ratio, conditioner.pad_token = keep, ratio, pad_token
         conditioner.has_own_text_encoder = text_encoder_path is not None
+        conditioner._pipeline_lora = _PipelineLoraWatch([encoder for _, encoder in pairs])
         return conditioner
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        watch = getattr(self, "_pipeline_lora", None)
+        if watch is not None:
+            watch.check()
+        return super().embed(*args, **kwargs)
 
     def save_parts(self, folder: Path) -> None:
         if self.has_own_text_encoder:
@@ -229,6 +247,39 @@ class LongCLIPConditioner(CLIPConditioner):
         return {"text_encoder_path": folder} if (folder / "text_encoder" / "config.json").is_file() else {}
 
 
+def lora_layer_state(encoders: list[nn.Module]) -> tuple:
+    """What the peft LoRA layers of `encoders` hold (adapters, scales, which are active): changes when a LoRA is
+    loaded, removed, re-scaled or switched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return tuple(
+        (index, name, tuple(module.active_adapters), tuple(sorted(getattr(module, "scaling", {}).items())), module.disable_adapters)
+        for index, encoder in enumerate(encoders)
+        for name, module in encoder.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    )
+
+
+class _PipelineLoraWatch:
+    """Long-CLIP encodes with stretched copies of the pipeline's encoders, made when it is built: they carry the
+    LoRAs loaded by then, at their scales, and cannot follow later changes. This notices such a change and says so,
+    instead of encoding without the LoRA the pipeline now has."""
+
+    def __init__(self, encoders: list[nn.Module]) -> None:
+        self.encoders = [weakref.ref(encoder) for encoder in encoders]
+        self.state = lora_layer_state(encoders)
+
+    def check(self) -> None:
+        encoders = [reference() for reference in self.encoders]
+        if any(encoder is None for encoder in encoders):
+            return
+        if lora_layer_state(encoders) != self.state:
+            raise ValueError(
+                "the pipeline's text-encoder LoRAs changed after this Long-CLIP conditioner was built (it encodes with "
+                "stretched copies of the encoders): build it again with load_conditioner after loading or re-scaling LoRAs"
+            )
+
+
 def _load_long_text_encoder(path: Path, like: nn.Module, tokenizer: Any) -> tuple[Any, nn.Module]:
     """Load a Long-CLIP text model as the class of the pipeline encoder it replaces, on its device/dtype."""
     if (path / "text_encoder" / "config.json").is_file():
@@ -237,7 +288,7 @@ def _load_long_text_encoder(path: Path, like: nn.Module, tokenizer: Any) -> tupl
         model_dir, tokenizer_dir = path, path
     else:
         raise FileNotFoundError(f"no Long-CLIP text encoder in {path}: expected text_encoder/config.json or config.json")
-    encoder = type(like).from_pretrained(model_dir).to(device=like.device, dtype=like.dtype).eval()
+    encoder = type(like).from_pretrained(model_dir).to(device=get_module_execution_device(like), dtype=like.dtype).eval()
     if encoder.config.hidden_size != like.config.hidden_size:
         raise ValueError(
             f"text encoder in {model_dir} has hidden size {encoder.config.hidden_size}; the pipeline's encoder it "

@@ -35,6 +35,7 @@ from condkit.conditioning.base import Conditioner, Conditioning, Prompt
 from condkit.conditioning.features import plain
 from condkit.conditioning.pipeline_fit import conditioner_output
 from condkit.conditioning.registry import register_conditioner
+from condkit.conditioning.scheduled_prompts import ComposedRows, is_scheduled
 
 POSITIVE_MARK = 1.0
 NEGATIVE_MARK = -1.0
@@ -163,7 +164,7 @@ class ProjectedConditioner(Conditioner):
             projection = FRESH_PROJECTIONS[projection.lower()](conditioner_output(inner)["width"])
         elif not isinstance(projection, nn.Module):
             projection = load_projection(projection)
-        projection = projection.to(inner.device)
+        projection = projection.to(pipe._execution_device)  # where the denoiser's inputs are, offload or not
         return cls(inner, projection, switch_off_timestep, pipe.scheduler.config.num_train_timesteps)
 
     @classmethod
@@ -185,7 +186,20 @@ class ProjectedConditioner(Conditioner):
         self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1, **per_encoder_prompts: Prompt
     ) -> Conditioning:
         """The wrapped conditioner's Conditioning, each embeddings row followed by one marker token."""
-        plain = self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts)
+        return self._marked(self.conditioner.embed(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts))
+
+    def encode(
+        self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1, **per_encoder_prompts: Prompt
+    ) -> Conditioning:
+        """As `embed`, from the wrapped conditioner's `encode()`: its prompt editing, alternation and AND included."""
+        with torch.no_grad():
+            return self._marked(self.conditioner.encode(prompt, negative_prompt, num_images_per_prompt, **per_encoder_prompts))
+
+    @property
+    def schedules_prompts(self) -> bool:
+        return getattr(self.conditioner, "schedules_prompts", False)
+
+    def _marked(self, plain: Conditioning) -> Conditioning:
         if plain.prompt_embeds.shape[-1] != self.projection.config.dim:
             raise ValueError(
                 f"projection width {self.projection.config.dim} differs from the conditioner's embedding width "
@@ -225,8 +239,19 @@ class ProjectedConditioner(Conditioner):
             raise ValueError(f"got {timestep.numel()} timesteps for a batch of {batch_size}; expected 1 or {batch_size}")
         return (timestep > self.switch_off_timestep).expand(batch_size)
 
-    def at_timestep(self, features: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def at_timestep(
+        self, features: torch.Tensor, timestep: torch.Tensor, step: tuple[int, int] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | ComposedRows:
         embeds, positive = self.unmark(plain(features))
+        if is_scheduled(embeds):  # prompt editing or AND in the wrapped conditioner: its rows at this step, projected
+            on = positive & self.projects_at(timestep, embeds.shape[0]).to(positive.device)
+            mapped = self.conditioner.at_timestep(embeds, timestep, step=step)
+            if isinstance(mapped, ComposedRows):
+                rows = on[torch.tensor(mapped.source_rows, device=on.device)]
+                mapped.hidden = self.project_rows(mapped.hidden, rows.to(mapped.hidden.device))
+                return mapped
+            hidden, pooled = mapped
+            return self.project_rows(hidden, on.to(hidden.device)), pooled
         return self.project_rows(embeds, positive & self.projects_at(timestep, embeds.shape[0]).to(positive.device))
 
     def project_rows(self, embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -234,5 +259,5 @@ class ProjectedConditioner(Conditioner):
         training step's graph always holds its parameters (several processes need that)."""
         projection_input = embeds[rows].to(device=self.projection.device, dtype=self.projection.dtype)
         output = embeds.clone()
-        output[rows] = self.projection(projection_input).to(embeds.dtype)
+        output[rows] = self.projection(projection_input).to(device=embeds.device, dtype=embeds.dtype)
         return output

@@ -18,8 +18,10 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.scheduled_prompts import batch_key
 from condkit.files import write_atomically
 from condkit.pipelines.attach import attach
+from condkit.pipelines.composable import check_prompts_for_run
 from condkit.pipelines.output_folder import check_writable
 from condkit.verbosity import progress_bar
 
@@ -90,6 +92,7 @@ def generate(
     jobs = expand_requests(requests, settings)
     if not jobs:
         raise ValueError("no prompts to generate")
+    check_prompts_for_run(pipe, conditioner, [(job.prompt, job.negative_prompt) for job in jobs], settings.steps)
     device = pipe._execution_device
     encoded: dict[tuple[str, str | None], Conditioning] = {}
     for job in jobs:
@@ -117,14 +120,28 @@ def generate(
                 **conditioning.to(device).kwargs(),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
+                **size_arguments(pipe, settings),
                 generator=[torch.Generator(device="cpu").manual_seed(jobs[i].seed) for i in batch],
                 callback_on_step_end=advance,
-                **pipeline_kwargs,
+                **one_image_per_row(pipeline_kwargs, len(batch)),
             )
             images.update(zip(batch, output.images))
     return [GeneratedImage(images[i], job.prompt, job.negative_prompt, job.seed) for i, job in enumerate(jobs)]
+
+
+def size_arguments(pipe: Any, settings: GenerationSettings) -> dict[str, int]:
+    """height/width for the call: those set, and only for pipelines that take them (img2img takes its input's size)."""
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    return {name: value for name, value in (("height", settings.height), ("width", settings.width))
+            if value is not None and name in parameters}
+
+
+def one_image_per_row(pipeline_kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """A single input image (init image, mask, control image) repeated for every row of the batch, as diffusers
+    expects one per prompt; lists (one image per ControlNet) are left as they are."""
+    return {name: [value] * rows if isinstance(value, Image.Image) else value for name, value in pipeline_kwargs.items()}
 
 
 def batches_of_equal_shape(conditionings: list[Conditioning], batch_size: int) -> list[list[int]]:
@@ -133,6 +150,7 @@ def batches_of_equal_shape(conditionings: list[Conditioning], batch_size: int) -
     groups: dict[tuple, list[int]] = {}
     for index, conditioning in enumerate(conditionings):
         key = tuple((name, tuple(tensor.shape)) for name, tensor in conditioning.tensors().items())
+        key += (batch_key(conditioning),)  # prompts that change per step batch only with equal ones
         groups.setdefault(key, []).append(index)
     return [group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
 
@@ -145,14 +163,16 @@ def concatenate(conditionings: list[Conditioning]) -> Conditioning:
 
 
 def describe_run(pipe: Any, conditioner_name: str, model_name: str, settings: GenerationSettings) -> dict[str, Any]:
-    unet_config = pipe.unet.config
-    default_size = unet_config.sample_size * pipe.vae_scale_factor
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    # SD3 and Flux pipelines name their default latent size default_sample_size (Flux's is not in its transformer's config)
+    sample_size = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    default_size = sample_size * pipe.vae_scale_factor
     return {
         "conditioner": conditioner_name,
         "model": model_name,
         "scheduler": type(pipe.scheduler).__name__,
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "device": str(pipe._execution_device),
+        "dtype": str(denoiser.dtype).removeprefix("torch."),
+        "device": pipe._execution_device.type,  # not the GPU's index: a run across GPUs records one device
         **asdict(settings),
         "height": settings.height or default_size,
         "width": settings.width or default_size,
@@ -160,26 +180,33 @@ def describe_run(pipe: Any, conditioner_name: str, model_name: str, settings: Ge
 
 
 def save_results(
-    results: list[GeneratedImage], out_dir: str | os.PathLike, run: dict[str, Any], grid: bool = True
+    results: list[GeneratedImage], out_dir: str | os.PathLike, run: dict[str, Any], grid: bool = True, first_index: int = 0
 ) -> list[Path]:
     """Write NNNNN_SEED.json + .png per image (each atomically, the metadata first, so no image is ever
-    without its metadata) and grid.png; returns the image paths."""
+    without its metadata), numbered from `first_index`, and grid.png; returns the image paths."""
     folder = check_writable(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, result in enumerate(results):
+    for index, result in enumerate(results, start=first_index):
         stem = folder / f"{index:05d}_{result.seed}"
         metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed}
         text = json.dumps(metadata, indent=2, allow_nan=False)  # metadata is always valid JSON
         write_atomically(stem.with_suffix(".json"), lambda path: Path(path).write_text(text))
         write_atomically(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))
         paths.append(stem.with_suffix(".png"))
-    if grid and len(results) > 1:
-        columns = run.get("num_images_per_prompt", 1)
-        columns = columns if columns > 1 else math.ceil(math.sqrt(len(results)))
-        sheet = image_grid([r.image for r in results], columns)
-        write_atomically(folder / "grid.png", lambda path: sheet.save(path, format="PNG"))
+    if grid:
+        save_grid([result.image for result in results], folder, run)
     return paths
+
+
+def save_grid(images: list[Image.Image], folder: Path, run: dict[str, Any]) -> None:
+    """grid.png: one row per prompt when it has several images, else as square as it gets; none for one image."""
+    if len(images) < 2:
+        return
+    columns = run.get("num_images_per_prompt", 1)
+    columns = columns if columns > 1 else math.ceil(math.sqrt(len(images)))
+    sheet = image_grid(images, columns)
+    write_atomically(folder / "grid.png", lambda path: sheet.save(path, format="PNG"))
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Load a StableDiffusion(XL) pipeline from a local folder or a hub id.
+"""Load a StableDiffusion(XL), SD3 (SD3.5) or Flux pipeline from a local folder or a hub id.
 
 `condkit.load_pipeline()` with no model (the embedded shapes world) is resolved in condkit/embedded.py.
 """
@@ -18,10 +18,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """'auto'/None picks cuda, then mps, then cpu; an explicit device must exist."""
+    """'auto'/None picks cuda (this process's GPU when launched on several), then mps, then cpu; an
+    explicit device must exist."""
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            launched_on_several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if launched_on_several else torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -52,10 +54,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_pipeline(
-    model: str | os.PathLike, device: str | None = None, dtype: str | None = None
+    model: str | os.PathLike, device: str | None = None, dtype: str | None = None, *, keep_on_cpu: bool = False,
+    model_config: str | None = None,
 ) -> Any:
-    """A diffusers pipeline ready to run, from a pipeline folder or a hub id. Its loading bars are diffusers'
-    and transformers' own (`condkit.verbosity.quiet()` turns them off with every other bar)."""
+    """A diffusers pipeline ready to run, from a pipeline folder, a hub id or a single-file .safetensors checkpoint
+    (`model_config`: the diffusers folder or hub id describing it, see `single_file`). Its loading bars are
+    diffusers' and transformers' own (`condkit.verbosity.quiet()` turns them off with every other bar).
+    `keep_on_cpu`: in the dtype for `device`, but left on the CPU, for diffusers' CPU offloading to place."""
     if model is None:
         raise ValueError("no model given; expected a pipeline folder or hub id (condkit.load_pipeline() loads the embedded one)")
     drop_irrelevant_library_messages()
@@ -64,7 +69,11 @@ def load_pipeline(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     source = Path(model)
-    if _looks_like_path(str(source)):
+    if source.is_file():
+        from condkit.pipelines.single_file import load_single_file
+
+        pipe = load_single_file(source, resolved_dtype, model_config)
+    elif _looks_like_path(str(source)):
         if not source.is_dir():
             raise FileNotFoundError(f"model folder {str(source)!r} does not exist")
         if not (source / "model_index.json").is_file():
@@ -73,10 +82,16 @@ def load_pipeline(
     else:
         pipe = _from_hub(str(source), resolved_dtype)
     has_text_encoder = getattr(pipe, "text_encoder", None) is not None or getattr(pipe, "text_encoder_2", None) is not None
-    if getattr(pipe, "unet", None) is None or not has_text_encoder:
-        raise ValueError(f"{model!r} is a {type(pipe).__name__}, not a StableDiffusion or StableDiffusionXL pipeline")
+    if not has_text_encoder or not (getattr(pipe, "unet", None) is not None or _is_sd3_or_flux(pipe)):
+        raise ValueError(f"{model!r} is a {type(pipe).__name__}, not a StableDiffusion, StableDiffusionXL, SD3 or Flux pipeline")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(resolved_device)
+    return pipe if keep_on_cpu else pipe.to(resolved_device)
+
+
+def _is_sd3_or_flux(pipe: Any) -> bool:
+    from condkit.conditioning.transformer_pipelines import transformer_family
+
+    return transformer_family(pipe) is not None
 
 
 def _looks_like_path(text: str) -> bool:

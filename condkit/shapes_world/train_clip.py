@@ -1,6 +1,7 @@
 """Stage "clip": a small CLIPModel trained contrastively on renders and their captions.
 
-Symmetric InfoNCE over each batch, with one hard negative caption per image added to the
+Symmetric InfoNCE over each batch, with hard negative captions (NegCLIP: colours, shapes or a
+relation swapped; `negatives_per_image` of them, each from a different perturbation) added to the
 image-to-text side. Identical captions inside a batch are all counted as positives, so a short
 caption such as "a red circle" that fits several images is never pushed away from them.
 """
@@ -19,7 +20,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, C
 from condkit.conditioning import CLIP_POSITIONS
 from condkit.training.loop import LossMethod, train_with_own_loss
 
-from .hard_negatives import PERTURBATIONS, hard_negative
+from .hard_negatives import PERTURBATIONS, hard_negatives
 from .stage_runner import final_loss, model_device, save_final, stage_config
 from .world_data import Pool
 
@@ -33,6 +34,7 @@ class ClipScale:
     batch_size: int
     learning_rate: float
     checkpoint_every: int
+    negatives_per_image: int = 1
 
 
 def clip_config(tokenizer: CLIPTokenizer, scale: ClipScale, resolution: int) -> CLIPConfig:
@@ -138,20 +140,24 @@ def retrieval_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pool: Pool, g
 
 
 class ClipStage(LossMethod):
-    """The contrastive objective on a batch of pool items, with one hard negative caption per image.
+    """The contrastive objective on a batch of pool items, with hard negative captions for each image.
 
     The hard negatives are drawn from the global generators, which the loop seeds and checkpoints.
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer) -> None:
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, negatives_per_image: int = 1) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.negatives_per_image = negatives_per_image
+
+    def settings(self) -> dict:
+        return {"negatives_per_image": self.negatives_per_image}
 
     def forward(self, items: Sequence[dict]) -> torch.Tensor:  # type: ignore[override]
         captions = [item["caption"] for item in items]
         rng = random.Random(int(torch.randint(2**62, ())))
-        negatives = [n for n in (hard_negative(c, rng) for c in captions) if n is not None]
+        negatives = [n for c in captions for n in hard_negatives(c, rng, self.negatives_per_image)]
         pixels = torch.stack([item["image"] for item in items]).to(model_device(self.model)) * 2 - 1
         return contrastive_loss(self.model, self.tokenizer, pixels, captions, negatives)
 
@@ -167,7 +173,7 @@ def train_clip(
         checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 20), weight_decay=0.05,
         seed=seed,
     )  # fmt: skip
-    result = train_with_own_loss(ClipStage(model, tokenizer), pool, config)
+    result = train_with_own_loss(ClipStage(model, tokenizer, scale.negatives_per_image), pool, config)
     model.cpu()
     report = {"final_loss": final_loss(result), **retrieval_accuracy(model, tokenizer, held_out)}
     save_final(stage_dir, model)

@@ -40,6 +40,8 @@ class UnetScale:
     learning_rate: float
     ema_decay: float
     checkpoint_every: int
+    layers_per_block: int = 1
+    caption_dropout: float = CAPTION_DROPOUT
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -63,7 +65,7 @@ def build_unet(scale: UnetScale, cross_attention_dim: int, latent_size: int) -> 
         block_out_channels=scale.channels,
         down_block_types=down,
         up_block_types=up,
-        layers_per_block=1,
+        layers_per_block=scale.layers_per_block,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=scale.attention_head_dim,
         norm_num_groups=min(32, scale.channels[0]),
@@ -154,7 +156,7 @@ def train_unet(
     latent_size = pool.images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(seed)
     unet = build_unet(scale, text_encoder.config.hidden_size, latent_size)
-    method = UnetStage(unet, tokenizer, text_encoder, scale.ema_decay)
+    method = UnetStage(unet, tokenizer, text_encoder, scale.ema_decay, scale.caption_dropout)
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
         checkpoint_every=scale.checkpoint_every, warmup_steps=max(1, scale.steps // 50), weight_decay=0.01,

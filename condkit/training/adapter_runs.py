@@ -4,10 +4,15 @@
     folder = run_adapter_training("llm", "runs/adapters/llm-clip", model=MODEL, dataset=data, concat_clip=True, steps=500)
     conditioner = load_conditioner(folder, pipe)            # ready for attach(pipe, conditioner)
 
-The run folder holds the loop's checkpoints/ (resumable with resume=True), loss_log.jsonl (one
-line per step: step and loss), training_run.json (the run's settings) and conditioner/: the trained
-conditioner as one unit (ProjectedConditioner, LLMAdapterConditioner or, with concat_clip, a
-ConcatConditioner of it and CLIP), written by its save_pretrained, read by `load_conditioner`.
+The run folder (see `run_folder`) holds the loop's checkpoints/ (resumable with resume=True),
+loss_log.jsonl and loss.png, training_run.json (the run's settings), README.md (the model card),
+validation/ (with validation_prompts) and conditioner/: the trained conditioner as one unit
+(ProjectedConditioner, LLMAdapterConditioner or, with concat_clip, a ConcatConditioner of it and
+CLIP), written by its save_pretrained, read by `load_conditioner(RUN, pipe)`.
+
+Sizes, augmentation, precision, memory, trackers and validation are the loop's (TrainingConfig):
+pass them as `training_options` (e.g. dict(random_flip=True, aspect_ratio_bucketing=True,
+gradient_checkpointing=True, mixed_precision="bf16", report_to="tensorboard")).
 
 Data: the caller's `dataset` of (image, caption) items (see training/loop.py), or a function of the
 pipeline's training resolution in pixels that returns one. `condkit train adapter` passes the shapes
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,8 @@ from condkit.conditioning.concat import ConcatConditioner
 from condkit.conditioning.llm_adapter import LLMAdapterConditioner
 from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP
 from condkit.training.adapters import ConnectorTraining, ProjectionTraining
+from condkit.training.model_card import RunSummary, training_settings
+from condkit.training.run_folder import finish_run
 
 KINDS = ("llm", "projection")
 PROJECTIONS = {"wiclp": WiCLP, "clp": CLP}
@@ -57,6 +65,11 @@ def run_adapter_training(
     checkpointing_steps: int = 100,
     resume: bool = False,
     seed: int = 0,
+    training_options: dict[str, Any] | None = None,
+    validation_prompts: Sequence[str] = (),
+    data_description: str | None = None,
+    command: str | None = None,
+    push_to_hub: str | None = None,
 ) -> Path:
     """Train a connector (kind "llm") or a projection (kind "projection") and return its saved folder.
 
@@ -75,7 +88,8 @@ def run_adapter_training(
     if saved.exists() and not resume:
         raise FileExistsError(f"{str(saved)!r} already exists; use another out_dir or resume=True")
 
-    accelerator = make_accelerator("auto")
+    options = dict(training_options or {})
+    accelerator = make_accelerator(options.get("mixed_precision", "auto"), options.get("report_to"), out_dir)
     pipe = load_pipeline(model, str(accelerator.device), "float32")  # frozen parts on the training device
     torch.manual_seed(seed)  # the fresh connector's initialisation
     if kind == "llm":
@@ -93,21 +107,37 @@ def run_adapter_training(
         record = {"kind": kind, "projection": projection, "switch_off_timestep": switch_off_timestep,
                   "project_all_timesteps": project_all_timesteps}
 
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = options.pop("resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = dataset(resolution) if callable(dataset) else dataset
     config = TrainingConfig(
         output_dir=out_dir, max_train_steps=steps, train_batch_size=batch_size,
         learning_rate=learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[kind],
         adam_weight_decay=0.0 if kind == "projection" else 1e-2, max_grad_norm=1.0, resolution=resolution,
         checkpointing_steps=checkpointing_steps, seed=seed,
-        resume_from_checkpoint="latest" if resume else None,
+        resume_from_checkpoint="latest" if resume else None, **options,
     )  # fmt: skip
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner, accelerator=accelerator)
-    _append_losses(out_dir / LOSS_LOG, result.first_step, result.losses)
-    conditioner.save_pretrained(saved, overwrite=resume)
-    record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
-    (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    validate = None
+    if validation_prompts:
+        from condkit.training.validation import ValidationRenderer
+
+        validate = ValidationRenderer(pipe, conditioner, validation_prompts, seed=seed)
+    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner,
+                   accelerator=accelerator, validate=validate)
+    if accelerator.is_main_process:
+        conditioner.save_pretrained(saved, overwrite=resume)
+        record |= {"model": None if model is None else str(model), "steps": result.last_step, "seed": seed}
+        (out_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        method_name = f"{kind} adapter" + (f" ({projection})" if kind == "projection" else "")
+        summary = RunSummary(
+            method=method_name, base_model=str(model) if model is not None else "the embedded shapes-world model",
+            data=data_description or getattr(dataset, "summary", lambda: f"{len(dataset)} (image, caption) pairs")(),
+            steps=result.last_step, settings={**record, **training_settings(config)}, command=command,
+            usage=f"condkit generate --conditioner {out_dir} --prompt \"...\"", validation_prompts=list(validation_prompts),
+        )  # fmt: skip
+        finish_run(out_dir, result, summary, push_to_hub=push_to_hub)
+    accelerator.wait_for_everyone()
     return saved
+
 
 
 
@@ -123,12 +153,3 @@ def _check_arguments(kind: str, projection: str, concat_clip: bool, language_mod
     if language_model is not None and not Path(language_model).exists() and str(language_model).count("/") != 1:
         raise FileNotFoundError(f"language model folder {str(language_model)!r} does not exist")
 
-
-def _append_losses(path: Path, first_step: int, losses: list[float]) -> None:
-    """One JSON line per step; a resumed run appends after the steps it kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= first_step]
-    lines = kept + [json.dumps({"step": first_step + i + 1, "loss": loss}) for i, loss in enumerate(losses)]
-    path.write_text("\n".join(lines) + "\n")

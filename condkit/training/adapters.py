@@ -81,4 +81,5 @@ class ProjectionTraining(TrainingMethod):
         conditioning = conditioner.embed(self.prompts_for(batch))
         embeds, positive = conditioner.unmark(conditioning.prompt_embeds)
         hidden = conditioner.project_rows(embeds, positive)
-        return predict(unet, noisy_latents, timesteps, hidden, conditioning.pooled_prompt_embeds, batch.image_size)
+        return predict(unet, noisy_latents, timesteps, hidden, conditioning.pooled_prompt_embeds, batch.image_size,
+                       batch.original_sizes, batch.crops_top_left)

@@ -33,6 +33,11 @@ refused, naming it; textual inversion and CoRe pass False and use their template
 `caption_column=None` means "text" if the data has such a column, else (captions not required) no
 captions; a column named explicitly must exist.
 
+Second text columns (`text_columns`, e.g. Long-CLIP's short captions): other keys of metadata.jsonl
+or columns of a dataset, read as captions are (stripped; "" when a row has none) and kept in
+`TrainingData.texts[column]`, item by item. A column named there must exist somewhere in the data
+(refused, listing the columns there are); folders of sidecar files have no such columns.
+
 Unreadable images: refused by default, naming the first one (ValueError). With
 `skip_unreadable=True` they are left out instead, with one logged warning giving their count and
 the first names (`TrainingData.skipped` lists them all). Every image is decoded once when the data
@@ -104,13 +109,18 @@ class TrainingData(Sequence):
     captions: each item's caption ("" for none). skipped: names of unreadable images left out.
     """
 
-    def __init__(self, source: str, entries: Sequence[_Entry], captions: Sequence[str], skipped: Sequence[str] = ()):
+    def __init__(self, source: str, entries: Sequence[_Entry], captions: Sequence[str], skipped: Sequence[str] = (),
+                 texts: dict[str, Sequence[str]] | None = None):
         if len(entries) != len(captions):
             raise ValueError(f"{len(entries)} images but {len(captions)} captions")
         self.source = source
         self._entries = list(entries)
         self.captions = list(captions)
         self.skipped = list(skipped)
+        self.texts = {column: list(values) for column, values in (texts or {}).items()}
+        for column, values in self.texts.items():
+            if len(values) != len(entries):
+                raise ValueError(f"{len(entries)} images but {len(values)} values of column {column!r}")
 
     @property
     def names(self) -> list[str]:
@@ -146,6 +156,7 @@ def folder_dataset(
     caption_required: bool = True,
     skip_unreadable: bool = False,
     check_images: bool = True,
+    text_columns: Sequence[str] = (),
 ) -> TrainingData:
     """The images of a folder with their captions (kohya sidecar files or metadata.jsonl); see the module docstring.
 
@@ -158,8 +169,9 @@ def folder_dataset(
         raise ValueError(f"{str(folder)!r} is not a folder; expected a folder of images with captions")
     metadata = folder / METADATA_FILE
     images = _images_under(folder)
+    texts: dict[str, list[str]] = {}
     if metadata.is_file():
-        relative, captions = _read_metadata(folder, metadata, caption_column, caption_required)
+        relative, captions, texts = _read_metadata(folder, metadata, caption_column, caption_required, text_columns)
         unlisted = len(set(images) - set(relative))
         if unlisted:
             logger.warning("%d images in %r are not listed in %s and are not used", unlisted, str(folder), METADATA_FILE)
@@ -169,11 +181,12 @@ def folder_dataset(
                 f"{str(folder / 'metadata.csv')!r} is not read by folder datasets; write the captions to "
                 f"{METADATA_FILE} or load the folder as a dataset (datasets' imagefolder reads metadata.csv)"
             )
-        if caption_column is not None:
-            raise ValueError(
-                f"caption column {caption_column!r} was given but {str(folder)!r} has no {METADATA_FILE}; "
-                f"captions there come from same-name {' or '.join(CAPTION_SUFFIXES)} files"
-            )
+        for column in (caption_column, *text_columns):
+            if column is not None:
+                raise ValueError(
+                    f"column {column!r} was given but {str(folder)!r} has no {METADATA_FILE}; "
+                    f"captions there come from same-name {' or '.join(CAPTION_SUFFIXES)} files"
+                )
         relative = images
         captions = [_read_sidecar(folder, name) for name in relative]
     if not relative:
@@ -184,9 +197,10 @@ def folder_dataset(
     order = sorted(range(len(relative)), key=lambda i: relative[i])
     entries = [_path_entry(folder / relative[i]) for i in order]
     captions = [captions[i] for i in order]
+    texts = {column: [values[i] for i in order] for column, values in texts.items()}
     if caption_required:
         _require_captions(entries, captions, f"same-name {' or '.join(CAPTION_SUFFIXES)} files or {METADATA_FILE}")
-    return _checked(TrainingData(f"folder {str(folder)!r}", entries, captions), skip_unreadable, check_images)
+    return _checked(TrainingData(f"folder {str(folder)!r}", entries, captions, texts=texts), skip_unreadable, check_images)
 
 
 def hub_dataset(
@@ -201,6 +215,7 @@ def hub_dataset(
     skip_unreadable: bool = False,
     check_images: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    text_columns: Sequence[str] = (),
 ) -> TrainingData:
     """Rows of a dataset `datasets` loads; see the module docstring.
 
@@ -219,25 +234,33 @@ def hub_dataset(
     if image_column not in columns:
         raise ValueError(f"image column {image_column!r} is not in {source}; its columns are: {', '.join(columns)}")
     caption_column = _caption_column(caption_column, columns, caption_required, source)
+    for column in text_columns:
+        if column not in columns:
+            raise ValueError(f"column {column!r} is not in {source}; its columns are: {', '.join(columns)}")
     loaded = _undecoded(loaded, image_column)
     if _is_iterable(loaded):
-        rows = list(loaded.select_columns([c for c in (image_column, caption_column) if c]).take(max_items))
+        wanted = list(dict.fromkeys(c for c in (image_column, caption_column, *text_columns) if c))
+        rows = list(loaded.select_columns(wanted).take(max_items))
         images: Sequence[Any] = [row[image_column] for row in rows]
         raw_captions = [row[caption_column] if caption_column else None for row in rows]
+        raw_texts = {column: [row[column] for row in rows] for column in text_columns}
         entries = [_Entry(f"row {row} of {source}", _constant(image)) for row, image in enumerate(images)]
     else:
         if max_items is not None and max_items < len(loaded):
             loaded = loaded.select(range(max_items))
         raw_captions = list(loaded[caption_column]) if caption_column else [None] * len(loaded)
+        raw_texts = {column: list(loaded[column]) for column in text_columns}
         table = loaded.select_columns([image_column])
         entries = [_Entry(f"row {row} of {source}", _row_reader(table, image_column, row)) for row in range(len(table))]
     if not entries:
         raise ValueError(f"{source} has no rows; expected images in column {image_column!r}")
     captions = [_caption_value(value, f"row {row} of {source} (column {caption_column!r})")
                 for row, value in enumerate(raw_captions)]
+    texts = {column: [_caption_value(value, f"row {row} of {source} (column {column!r})") for row, value in enumerate(values)]
+             for column, values in raw_texts.items()}
     if caption_required:
         _require_captions(entries, captions, f"column {caption_column!r}")
-    return _checked(TrainingData(source, entries, captions), skip_unreadable, check_images)
+    return _checked(TrainingData(source, entries, captions, texts=texts), skip_unreadable, check_images)
 
 
 def load_training_data(
@@ -252,6 +275,7 @@ def load_training_data(
     caption_required: bool = True,
     skip_unreadable: bool = False,
     check_images: bool = True,
+    text_columns: Sequence[str] = (),
 ) -> TrainingData:
     """The training data from exactly one of `data` (a folder: `folder_dataset`) or `dataset` (`hub_dataset`).
 
@@ -264,7 +288,7 @@ def load_training_data(
             f"got {'both' if data is not None else 'neither'}"
         )
     common = dict(caption_column=caption_column, caption_required=caption_required, skip_unreadable=skip_unreadable,
-                  check_images=check_images)
+                  check_images=check_images, text_columns=tuple(text_columns))
     if data is not None:
         given = {"image_column": image_column, "split": split if split != "train" else None,
                  "streaming": streaming or None, "max_items": max_items}
@@ -312,9 +336,9 @@ def _read_sidecar(folder: Path, relative: str) -> str:
 
 
 def _read_metadata(
-    folder: Path, metadata: Path, caption_column: str | None, caption_required: bool
-) -> tuple[list[str], list[str]]:
-    """(file names, captions) of the metadata.jsonl lines, checked line by line."""
+    folder: Path, metadata: Path, caption_column: str | None, caption_required: bool, text_columns: Sequence[str] = ()
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """(file names, captions, other text columns) of the metadata.jsonl lines, checked line by line."""
     try:
         lines = metadata.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -341,6 +365,10 @@ def _read_metadata(
                 f"caption column {column!r} is not in {str(metadata)!r}; its columns are: {', '.join(keys)}"
             )
         column = None
+    for extra in text_columns:
+        if records and not any(extra in record for _, record in records):
+            raise ValueError(f"column {extra!r} is not in {str(metadata)!r}; its columns are: {', '.join(keys)}")
+    texts: dict[str, list[str]] = {extra: [] for extra in text_columns}
     names: list[str] = []
     captions: list[str] = []
     seen: dict[str, int] = {}
@@ -362,7 +390,9 @@ def _read_metadata(
             )
         names.append(name)
         captions.append(_caption_value(record.get(column) if column else None, f"{where} ({column!r})"))
-    return names, captions
+        for extra in text_columns:
+            texts[extra].append(_caption_value(record.get(extra), f"{where} ({extra!r})"))
+    return names, captions, texts
 
 
 def _keys(record: dict[str, Any]) -> str:
@@ -552,4 +582,4 @@ def _checked(data: TrainingData, skip_unreadable: bool, check_images: bool) -> T
     shown = ", ".join(repr(name) for name, _ in skipped[:_SHOWN_NAMES]) + (", ..." if len(skipped) > _SHOWN_NAMES else "")
     logger.warning("skipped %d unreadable images of %d in %s: %s", len(skipped), len(data), data.source, shown)
     return TrainingData(data.source, [data._entries[i] for i in keep], [data.captions[i] for i in keep],
-                        [name for name, _ in skipped])
+                        [name for name, _ in skipped], {column: [values[i] for i in keep] for column, values in data.texts.items()})

@@ -8,6 +8,11 @@ number of processes), because the VAE always sees the same groups.
 What is cached is the latent distribution (mean and std), so each epoch still draws a fresh
 latent sample, as training without a cache would. Dataset items are read once, when their chunk
 is encoded; the caption read then is the one used for the whole run.
+
+With views (`augment.View`: a random crop, a flip, an aspect-ratio bucket) latents are keyed by
+(image index, view) instead: each view is encoded alone the first time a sample draws it, so its
+latents are bit-identical whatever else is encoded around it, and reused whenever it is drawn
+again. Such data must be PIL images or uint8 (H, W, 3) arrays.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from .augment import Augmentation, View
 
 Dataset = Sequence[Any]
 
@@ -65,6 +72,17 @@ def to_pixels(image: Any, resolution: int | None, index: int) -> torch.Tensor:
     return image.float() * 2.0 - 1.0
 
 
+def _as_pil(image: Any, index: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return Image.fromarray(image)
+    described = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
+    raise ValueError(
+        f"dataset image {index} is {described}; random crops, flips and buckets need a PIL image or uint8 (H, W, 3)"
+    )
+
+
 class LatentCache:
     """Latent distributions and captions of dataset images, by index."""
 
@@ -87,10 +105,43 @@ class LatentCache:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self._distributions: dict[int, torch.Tensor] = {}
+        self._view_distributions: dict[tuple[int, View], torch.Tensor] = {}
         self._captions: dict[int, str] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
-        return len(self._distributions)
+        return len(self._distributions) + len(self._view_distributions)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of dataset image `index` (read once)."""
+        if index not in self._sizes:
+            self._sizes[index] = _as_pil(read_item(self.dataset[index], index)[0], index).size
+        return self._sizes[index]
+
+    def sample_views(
+        self, indices: torch.Tensor, views: Sequence[View], augmentation: Augmentation,
+        generators: Sequence[torch.Generator],
+    ) -> tuple[torch.Tensor, list[str]]:
+        """As `sample`, for the given view of each image (all of one size)."""
+        latents = []
+        for index, view, generator in zip(indices.tolist(), views, generators):
+            key = (index, view)
+            if key not in self._view_distributions:
+                self._view_distributions[key] = self._encode_view(index, view, augmentation)
+            mean, std = self._view_distributions[key]
+            latent = mean + std * torch.randn(mean.shape, generator=generator)
+            latents.append((latent - self.shift_factor) * self.scaling_factor)
+        return torch.stack(latents), [self._captions[index] for index in indices.tolist()]
+
+    @torch.no_grad()
+    def _encode_view(self, index: int, view: View, augmentation: Augmentation) -> torch.Tensor:
+        image, caption = read_item(self.dataset[index], index)
+        if not isinstance(caption, str):
+            raise TypeError(f"dataset item {index} has a caption of type {type(caption).__name__}; expected str")
+        self._captions.setdefault(index, caption)
+        pixels = augmentation.pixels(_as_pil(image, index), view)[None].to(device=self.device, dtype=self.vae.dtype)
+        distribution = self.vae.encode(pixels).latent_dist
+        return torch.stack([distribution.mean, distribution.std], dim=1)[0].float().cpu()
 
     def __contains__(self, index: int) -> bool:
         return index in self._distributions

@@ -171,10 +171,14 @@ class LongCLIPMethod(LossMethod):
         return self.model.text_projection(pooled)
 
 
-def train_long_clip(method: LongCLIPMethod, pairs: Sequence[dict[str, Any]], config: TrainingConfig) -> TrainingResult:
-    """Fine-tune `method.model` in place on `pairs` with the shared loop; it is left in eval mode, frozen."""
+def train_long_clip(method: LongCLIPMethod, pairs: Sequence[dict[str, Any]], config: TrainingConfig, *,
+                    accelerator: Any = None) -> TrainingResult:
+    """Fine-tune `method.model` in place on `pairs` with the shared loop; it is left in eval mode, frozen.
+
+    `pairs`: the shapes world's `long_caption_pairs`, or your images and captions through
+    `condkit.training.long_clip_data.LongCaptionPairs`."""
     method.check_batch_size(config.train_batch_size)
-    result = train_with_own_loss(method, pairs, config)
+    result = train_with_own_loss(method, pairs, config, accelerator=accelerator)
     method.model.eval().requires_grad_(False)
     return result
 

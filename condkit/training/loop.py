@@ -14,6 +14,13 @@ several processes (`torchrun` or `accelerate launch`; gradients are averaged acr
 for the denoising loss results do not depend on how a step's samples are split between processes
 and micro-batches).
 
+Watching and scaling a run: `validate` renders images every `validation_steps` (saved with a
+grid.png under output_dir/validation/), `report_to` logs loss and learning rate to accelerate's
+trackers (tensorboard, wandb, ... when installed), the progress bar shows the loss;
+`gradient_checkpointing` recomputes the UNet's activations (and those of a text tower being
+trained) in the backward pass instead of keeping them, `use_8bit_adam` keeps AdamW's state in 8
+bits (bitsandbytes). A missing package is refused when the config is made, before any work.
+
 Checkpoints (accelerate's save_state, see condkit.training.checkpoint) make runs resumable
 exactly: the loss curve after a resume equals the uninterrupted one. A NaN or infinite loss,
 gradient or trainable weight stops the run with `NonFiniteLossError` before anything bad is
@@ -24,6 +31,7 @@ modules it is given: cast a frozen UNet to fp16/bf16 yourself to save memory.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -41,6 +49,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image
 from torch import nn
 
+from condkit.processes import launched_on_cpu_processes
 from condkit.verbosity import progress_bar
 
 from . import checkpoint as ckpt
@@ -81,6 +90,8 @@ class TrainingConfig:
     snr_gamma (denoising loss only): Min-SNR-gamma weighting of each sample's loss (Hang et al.,
     2023, as diffusers' training examples' --snr_gamma); None weights every timestep alike.
     progress_label: the progress bar's description.
+    resolution, center_crop, random_flip, aspect_ratio_bucketing: how images are sized and varied
+    (see condkit.training.augment and bucketing); latents are cached per image and view.
     """
 
     output_dir: str | Path
@@ -98,12 +109,18 @@ class TrainingConfig:
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     resolution: int | None = None
+    center_crop: bool = True
+    random_flip: bool = False
+    aspect_ratio_bucketing: bool = False
     mixed_precision: str = "auto"
     seed: int = 0
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | Path | None = None
     validation_steps: int | None = None
+    report_to: str | None = None
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
     show_progress: bool | None = None  # None: as condkit.verbosity says (off after quiet())
     progress_label: str = "training"
     vae_batch_size: int = 8
@@ -133,6 +150,9 @@ class TrainingConfig:
             raise ValueError(f"snr_gamma must be positive or None, got {self.snr_gamma}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        check_optional_packages(self.report_to, self.use_8bit_adam)
+        if self.aspect_ratio_bucketing and self.resolution is None:
+            raise ValueError("aspect-ratio bucketing needs a resolution (the area of every bucket)")
         self.output_dir = Path(self.output_dir)
 
     @property
@@ -162,10 +182,53 @@ def resolve_mixed_precision(requested: str) -> str:
     return requested
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    # accelerate only joins a torchrun launch on a machine without GPUs when asked for the CPU.
-    launched_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=launched_on_cpu)
+def make_accelerator(mixed_precision: str, report_to: str | None = None, project_dir: str | Path | None = None) -> Accelerator:
+    """An Accelerator for `train`; report_to names accelerate trackers (their logs go under project_dir)."""
+    check_optional_packages(report_to, False)
+    trackers = None if report_to in (None, "none") else report_to
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=launched_on_cpu_processes(),
+                       log_with=trackers, project_dir=None if project_dir is None else str(project_dir))
+
+
+def check_optional_packages(report_to: str | None, use_8bit_adam: bool) -> None:
+    """Refuse an unknown tracker, or a tracker or 8-bit Adam whose package is not installed (one line)."""
+    if report_to not in (None, "none"):
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known = [str(kind.value) for kind in LoggerType]
+        if report_to not in known:
+            raise ValueError(f"unknown report_to {report_to!r}; expected one of: none, {', '.join(known)}")
+        available = [str(getattr(kind, "value", kind)) for kind in get_available_trackers()]
+        if report_to != "all" and report_to not in available:
+            raise ValueError(f"report_to {report_to!r} needs the {report_to} package, which is not installed "
+                             f"(pip install {report_to})")
+    if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("use_8bit_adam needs the bitsandbytes package, which is not installed (pip install bitsandbytes)")
+
+
+def enable_gradient_checkpointing(*modules: nn.Module | None) -> int:
+    """Checkpoint every diffusers model and every transformers model among `modules` (and inside them).
+
+    transformers models only checkpoint in training mode, i.e. a text tower being trained; frozen
+    encoders in eval mode keep running as they are. Returns how many models were switched.
+    """
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    switched = 0
+    for module in modules:
+        for part in module.modules() if module is not None else ():
+            if isinstance(part, ModelMixin) and part._supports_gradient_checkpointing:
+                part.enable_gradient_checkpointing()
+                switched += 1
+            elif isinstance(part, PreTrainedModel) and part.supports_gradient_checkpointing:
+                if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5's name
+                    part.activation_checkpointing_enable({"use_reentrant": False})
+                else:
+                    part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                switched += 1
+    return switched
 
 
 def train(
@@ -198,6 +261,8 @@ def train(
     if not isinstance(method, TrainingMethod):
         raise TypeError(f"method must be a condkit TrainingMethod, got {type(method).__name__}")
     accelerator = _checked_accelerator(accelerator, config)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(unet, conditioner, method)
     trained = {id(parameter) for parameter in method.trainable_parameters()}
     for frozen_part in (unet, conditioner):
         for parameter in frozen_part.parameters() if frozen_part is not None else ():
@@ -206,7 +271,8 @@ def train(
     objective = DenoisingObjective(
         unet, vae, noise_scheduler, dataset, seed=config.seed, noise_offset=config.noise_offset,
         snr_gamma=config.snr_gamma, resolution=config.resolution, vae_batch_size=config.vae_batch_size,
-        device=accelerator.device, conditioner=conditioner,
+        device=accelerator.device, conditioner=conditioner, center_crop=config.center_crop,
+        random_flip=config.random_flip, aspect_ratio_bucketing=config.aspect_ratio_bucketing,
     )  # fmt: skip
     return _TrainingRun(method, objective, len(dataset), config, validate, accelerator).run()
 
@@ -223,6 +289,8 @@ def train_with_own_loss(
     if not isinstance(method, LossMethod):
         raise TypeError(f"method must be a condkit LossMethod, got {type(method).__name__}")
     accelerator = _checked_accelerator(accelerator, config)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(method)
     return _TrainingRun(method, OwnLossObjective(dataset), len(dataset), config, validate, accelerator).run()
 
 
@@ -244,6 +312,11 @@ def _checked_accelerator(accelerator: Accelerator | None, config: TrainingConfig
         raise ValueError(
             f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} steps; expected 1 "
             "(set gradient_accumulation_steps in TrainingConfig instead)"
+        )
+    if config.report_to not in (None, "none") and not accelerator.log_with:
+        raise ValueError(
+            f"config.report_to is {config.report_to!r} but the accelerator given has no trackers; make it with "
+            "make_accelerator(..., report_to=...) or Accelerator(log_with=...)"
         )
     if accelerator.project_configuration.automatic_checkpoint_naming:
         raise ValueError(
@@ -280,9 +353,16 @@ class _TrainingRun:
             raise ValueError(f"{method.method_name} has no trainable parameters (none requires grad)")
         processes = self.accelerator.num_processes
         self.order = DataOrder(
-            dataset_size, config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed
+            dataset_size, config.train_batch_size * processes * config.gradient_accumulation_steps, config.seed,
+            groups=getattr(objective, "groups", None),
         )
-        self.optimizer = torch.optim.AdamW(
+        if config.use_8bit_adam:
+            import bitsandbytes
+
+            optimizer_class = bitsandbytes.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        self.optimizer = optimizer_class(
             self.parameters,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
@@ -370,6 +450,9 @@ class _TrainingRun:
             show=config.show_progress if self.accelerator.is_main_process else False,
             dynamic_ncols=True,
         )
+        tracking = bool(self.accelerator.log_with)  # report_to's trackers, or those of the accelerator given
+        if tracking:
+            self.accelerator.init_trackers("condkit", config=_tracker_config(config, self.method))
         try:
             if self.resume_from is not None:  # weights, optimizer, schedule, data order, every process's generators
                 self.checkpoints.load(self.resume_from)
@@ -382,7 +465,10 @@ class _TrainingRun:
                 result.losses.append(loss)
                 result.last_step = done
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                learning_rate = self.lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+                if tracking:
+                    self.accelerator.log({"loss": loss, "lr": learning_rate}, step=done)
                 final = done == config.max_train_steps
                 if done % config.checkpointing_steps == 0 or final:
                     result.last_checkpoint = self.checkpoints.save(done)
@@ -393,6 +479,9 @@ class _TrainingRun:
                         result.validation_dirs.append(folder)
         finally:
             bar.close()
+            if tracking:
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
             self.checkpoints.close()
         return result
@@ -460,8 +549,18 @@ class _TrainingRun:
                 folder.mkdir(parents=True, exist_ok=True)
                 for number, image in enumerate(images):
                     image.save(folder / f"{number:02d}.png")
+                if len(images) > 1:
+                    from condkit.pipelines.generate import image_grid
+
+                    image_grid(list(images), math.ceil(math.sqrt(len(images)))).save(folder / "grid.png")
         self.accelerator.wait_for_everyone()
         return folder
+
+
+def _tracker_config(config: TrainingConfig, method: TrainingMethod) -> dict[str, Any]:
+    """The run's settings as tracker hyperparameters (numbers, strings and booleans only)."""
+    values = {**asdict(config), **{f"method.{k}": v for k, v in _json_roundtrip(method.settings()).items()}}
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in values.items()}
 
 
 @contextlib.contextmanager

@@ -43,6 +43,8 @@ class TrainingBatch:
     noise: the noise mixed into `latents` to make the noisy latents (noise offset included).
     step: optimizer steps completed before this batch.
     image_size: (height, width) of the training images in pixels.
+    original_sizes, crops_top_left: with random crops, flips or buckets, each image's (height, width)
+    before resizing and the (top, left) corner of its crop (SDXL's micro-conditioning); else None.
     """
 
     indices: torch.Tensor
@@ -51,6 +53,8 @@ class TrainingBatch:
     noise: torch.Tensor
     step: int
     image_size: tuple[int, int]
+    original_sizes: list[tuple[int, int]] | None = None
+    crops_top_left: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -85,7 +89,8 @@ class TrainingMethod(nn.Module):
             hidden, pooled = self.encoder_hidden_states(batch, timesteps), None
         else:
             hidden, pooled = conditioner.denoiser_inputs(self.prompts_for(batch), timesteps)
-        return predict(unet, noisy_latents, timesteps, hidden, pooled, batch.image_size)
+        return predict(unet, noisy_latents, timesteps, hidden, pooled, batch.image_size, batch.original_sizes,
+                       batch.crops_top_left)
 
     @property
     def method_name(self) -> str:

@@ -4,7 +4,9 @@ Only the new rows are parameters (a `NewTokenEmbedding` stands in for each encod
 table), so the optimizer keeps state for n_vectors × dim values instead of the whole vocabulary
 — adaptive optimizers are safe, and there is no copy-back of the original rows after each step.
 Prompts are encoded by the CLIPConditioner handed to the loop, the one used at inference, so SD and
-SDXL (both encoders, pooled output and time ids) train through one code path:
+SDXL (both encoders, pooled output and time ids) train through one code path, and so do SD3 (CLIP-L, CLIP-G
+and T5) and Flux (CLIP-L and T5) with load_conditioner("clip", pipe) and the pipeline's transformer, whose
+flow-matching scheduler gives the objective (see `flow_matching`):
 
     conditioner = CLIPConditioner.from_pipeline(pipe)
     method = TextualInversion(conditioner, "<toy>", "teddy")
@@ -76,6 +78,18 @@ class NewTokenEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
 
+def token_encoder_pairs(conditioner: Any) -> list[tuple[Any, nn.Module]]:
+    """The (tokenizer, text encoder) pairs whose tables get the new rows: a CLIPConditioner's (SD: one, SDXL: two),
+    SD3's CLIP-L, CLIP-G and T5, Flux's CLIP-L and T5 (their conditioners' `token_encoders()`)."""
+    if callable(getattr(conditioner, "token_encoders", None)):
+        return conditioner.token_encoders()
+    if isinstance(conditioner, CLIPConditioner):
+        return list(zip(conditioner.tokenizers, conditioner.text_encoders))
+    raise TypeError(
+        f"textual inversion trains rows of the text encoders of a CLIP, SD3 or Flux conditioner, got {type(conditioner).__name__}"
+    )
+
+
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     """"<c>" with 3 vectors → ["<c>", "<c>_1", "<c>_2"], diffusers' multi-vector convention."""
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
@@ -113,15 +127,15 @@ class TextualInversion(TrainingMethod):
             raise ValueError(f"num_vectors must be a positive integer, got {num_vectors}")
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {templates!r}; expected one of {', '.join(TEMPLATE_SETS)}")
-        if not isinstance(conditioner, CLIPConditioner):
-            raise TypeError(f"textual inversion trains rows of a CLIPConditioner's encoders, got {type(conditioner).__name__}")
+        pairs = token_encoder_pairs(conditioner)
         self.placeholder, self.initializer, self.num_vectors = placeholder, initializer, num_vectors
         self.template_set, self.seed = templates, seed
         self.tokens = placeholder_tokens(placeholder, num_vectors)
-        self.is_sdxl = conditioner.is_sdxl
+        self.is_sdxl = getattr(conditioner, "is_sdxl", False)
+        self.embedding_format = getattr(conditioner, "embedding_format", None)  # SD3's / Flux's single-file layout
         if not placeholder.strip() or placeholder != placeholder.strip() or any(char.isspace() for char in placeholder):
             raise ValueError(f"placeholder {placeholder!r} must be one word with no spaces, e.g. '<my-thing>'")
-        for tokenizer in conditioner.tokenizers:
+        for tokenizer, _ in pairs:
             for token in self.tokens:
                 existing = existing_token(tokenizer, token)
                 if existing is not None:
@@ -130,12 +144,16 @@ class TextualInversion(TrainingMethod):
                         "choose a new one, e.g. '<my-thing>'"
                     )
         self.embeddings = nn.ModuleList()
-        self._tokenizer = conditioner.tokenizers[0]  # finds the placeholder in captions (uses_caption)
+        self._tokenizer = pairs[0][0]  # finds the placeholder in captions (uses_caption)
         self._caption_uses: dict[str, bool] = {}
         self._warned_unused_caption = False
-        for tokenizer, encoder in zip(conditioner.tokenizers, conditioner.text_encoders):
+        for tokenizer, encoder in pairs:
             rows = initializer_vector(tokenizer, encoder, initializer).repeat(num_vectors, 1)
             encoder.requires_grad_(False)
+            if len(tokenizer) < encoder.get_input_embeddings().num_embeddings:
+                # T5's table has rows no token of its tokenizer reaches (32128 for 32100 tokens): drop them, so the
+                # new tokens' ids continue the table as NewTokenEmbedding expects; no text encodes differently
+                encoder.resize_token_embeddings(len(tokenizer))
             table = NewTokenEmbedding(encoder.get_input_embeddings(), rows)
             tokenizer.add_tokens(self.tokens)
             encoder.set_input_embeddings(table)
@@ -186,5 +204,5 @@ class TextualInversion(TrainingMethod):
 
     def save_embedding(self, path: str, format: str | None = None, step: int | None = None, overwrite: bool = False):
         """Write the learned token in any format of `embedding_formats` (default: diffusers / SDXL single file)."""
-        return write_embedding(self.learned_embedding(step), path, format, overwrite=overwrite)
+        return write_embedding(self.learned_embedding(step), path, format or self.embedding_format, overwrite=overwrite)
 
