@@ -39,6 +39,13 @@ class EmbeddingsConditioner(CLIPConditioner):
     def from_pipeline(cls, pipe: Any, embeddings: Sequence[LearnedEmbedding | str | os.PathLike] = (),
                       **options: Any) -> EmbeddingsConditioner:
         """Load each embedding (a LearnedEmbedding or a file) into the pipeline, then wrap its encoders."""
+        from condkit.conditioning.transformer_pipelines import transformer_family
+
+        if transformer_family(pipe) is not None:
+            raise ValueError(
+                f"clip-embeddings (a textual-inversion run's unit) is for SD and SDXL pipelines, not {type(pipe).__name__}; "
+                "load the embedding file with --embedding (condkit.load_embedding) and use the clip conditioner"
+            )
         loaded = [item if isinstance(item, LearnedEmbedding) else read_embedding(item) for item in embeddings]
         for embedding in loaded:
             load_embedding(pipe, embedding)
