@@ -45,6 +45,7 @@ def generate_and_save(
     claim = claim_output_folder(out_dir, overwrite) if state.is_main_process else nullcontext(Path(out_dir))
     with claim as folder:
         state.wait_for_everyone()  # the main process holds (and with --overwrite has cleared) the folder
+        results = []
         with state.split_between_processes(list(enumerate(jobs))) as share:
             if share:
                 one_each = replace(settings, num_images_per_prompt=1)  # the jobs carry their seeds already
@@ -54,7 +55,9 @@ def generate_and_save(
         state.wait_for_everyone()
         paths = [Path(folder) / f"{index:05d}_{job.seed}.png" for index, job in enumerate(jobs)]
         if grid and state.is_main_process:
-            save_grid([_read(path) for path in paths], Path(folder), run)
+            # one process holds every image already; the main one of several reads the others' back
+            images = [result.image for result in results] if state.num_processes == 1 else [_read(path) for path in paths]
+            save_grid(images, Path(folder), run)
     return paths
 
 

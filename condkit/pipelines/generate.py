@@ -6,6 +6,7 @@ torch.Generator, so an image does not depend on which batch it was generated in.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -131,8 +132,6 @@ def generate(
 
 def size_arguments(pipe: Any, settings: GenerationSettings) -> dict[str, int]:
     """height/width for the call: those set, and only for pipelines that take them (img2img takes its input's size)."""
-    import inspect
-
     parameters = inspect.signature(pipe.__call__).parameters
     return {name: value for name, value in (("height", settings.height), ("width", settings.width))
             if value is not None and name in parameters}
