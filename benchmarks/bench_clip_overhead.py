@@ -24,7 +24,7 @@ from condkit import attach, load_conditioner, load_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default=None)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=25)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -24,25 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from condkit.conditioning.ella_connector import TimestepAwareConnector
 
-SD15_UNET_CONFIG = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
+sys.path.insert(0, str(Path(__file__).parent))
+from sd15_random_pipeline import SD15_UNET_CONFIG  # noqa: E402 (a sibling script)
+
 TEXT_TOKENS = 128
 TEXT_DIM = 2048  # flan-t5-xl
 BATCH = 2  # negative and positive rows of classifier-free guidance
@@ -70,7 +56,7 @@ def count_flops(unet_config: dict, batch: int) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs (at least 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")

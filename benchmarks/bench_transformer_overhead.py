@@ -114,7 +114,7 @@ def measure(family: str, size: str, pairs: int, steps: int, max_sequence_length:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--size", choices=("tiny", "mid"), default="mid")
     parser.add_argument("--families", default="sd3,flux")
     parser.add_argument("--pairs", type=int, default=5)

@@ -123,7 +123,7 @@ def run_variants(variants: list[str], args, images, concept_phrase: str) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default=None)
     parser.add_argument("--concept", default="large orange diamond", help="SIZE COLOUR SHAPE")
     parser.add_argument("--images", type=int, default=6)

@@ -51,7 +51,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "diffusers' load_lora_weights and activated at SCALE (default 1) with set_adapters (repeatable)")
     parser.add_argument("--model-config", default=None, metavar="DIR_OR_ID",
                         help="for a single-file --model FILE.safetensors: a diffusers pipeline folder (or hub id) of the same "
-                             "model family whose configs describe it (default: diffusers infers it and fetches its configs)")
+                             "model family whose configs describe it, and whose weights supply what the file lacks (an SD3/Flux "
+                             "transformer-only file: VAE and text encoders) (default: diffusers infers it and fetches its configs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)")
     parser.add_argument("--offload", default=None, choices=("model", "sequential"),
@@ -256,7 +257,8 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", default="object", choices=("object", "style"), help="prompt templates (default: object)")
     parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
     parser.add_argument("--out", default="runs/textual-inversion", help="run folder: checkpoints and the learned embedding")
-    parser.add_argument("--save-format", default=None, help="embedding file format (default: diffusers for SD, sdxl_single_file for SDXL)")
+    parser.add_argument("--save-format", default=None, help="embedding file format (default: diffusers for SD, sdxl_single_file "
+                        "for SDXL; SD3/Flux: sd3_single_file / flux_single_file only)")
     parser.add_argument("--max-train-steps", type=positive_int, default=500)
     parser.add_argument("--train-batch-size", type=positive_int, default=4)
     parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -441,11 +443,11 @@ def run_train_core(args: argparse.Namespace) -> None:
 
 def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]) -> tuple[Any, Any]:
     """Shared by textual inversion and CoRe: validate, load, train, save the learned embedding."""
-    from condkit.conditioning.clip import CLIPConditioner
     from condkit.embedded import load_pipeline
-    from condkit.conditioning.embedding_formats import FORMATS, SINGLE_ENCODER_FORMATS
+    from condkit.conditioning.embedding_formats import FORMATS
     from condkit.pipelines.output_folder import check_output_folder
     from condkit.training.loop import TrainingConfig, make_accelerator, train
+    from condkit.training.token_models import check_save_format, token_training_parts
 
     if args.images is not None:
         if args.data is not None:
@@ -466,20 +468,19 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     accelerator = make_accelerator(args.mixed_precision, args.report_to, out)
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32")
-    if getattr(pipe, "unet", None) is None:
-        raise ValueError(f"condkit train {args.method} runs on StableDiffusion(XL) models; this is a {type(pipe).__name__} "
-                         "(SD3/Flux textual inversion: the Python API, TextualInversion with condkit.training.loop.train)")
-    conditioner = CLIPConditioner.from_pipeline(pipe)
-    if args.save_format is not None and (args.save_format in SINGLE_ENCODER_FORMATS) != (len(conditioner.text_encoders) == 1):
-        family = "SD1.x/2.x (one text encoder)" if len(conditioner.text_encoders) == 1 else "SDXL (two text encoders)"
-        raise ValueError(f"--save-format {args.save_format!r} does not fit this {family} model")
+    parts = token_training_parts(pipe, args.method)  # SD/SDXL: UNet and CLIP; SD3/Flux: transformer, CLIP(s) and T5
+    check_save_format(parts, args.save_format)
+    conditioner = parts.conditioner
     method = make_method(conditioner)
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = args.resolution or parts.default_resolution
     config = TrainingConfig(
         output_dir=out, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, resolution=resolution, mixed_precision=args.mixed_precision,
         checkpointing_steps=args.checkpointing_steps, seed=args.seed, resume_from_checkpoint="latest" if args.resume else None,
+        # nothing decodes after the latents are cached unless validation or CoRe's test time renders images
+        release_vae=not (args.validation_prompt or getattr(args, "test_time", None) or args.flip or not args.center_crop
+                         or args.bucketing),
         **_training_options(args),
     )
     validate = None
@@ -487,8 +488,8 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         from condkit.training.validation import ValidationRenderer
 
         validate = ValidationRenderer(pipe, conditioner, args.validation_prompt, seed=args.seed)
-    result = train(method, pipe.unet, pipe.vae, pipe.scheduler, dataset, config, conditioner=conditioner,
-                   accelerator=accelerator, validate=validate)
+    result = train(method, parts.denoiser, _vae_for_training(pipe, config.release_vae), pipe.scheduler, dataset, config,
+                   conditioner=conditioner, accelerator=accelerator, validate=validate)
     if accelerator.is_main_process:
         from condkit.training.token_runs import save_token_run
 
@@ -499,6 +500,14 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         print(f"learned {args.placeholder!r} in {result.last_step} steps; wrote {', '.join(map(str, written))} and {saved}")
     accelerator.wait_for_everyone()
     return method, pipe
+
+
+def _vae_for_training(pipe: Any, release: bool) -> Any:
+    """The pipeline's VAE; to be released, taken out of the pipeline, so the loop holds its last reference."""
+    vae = pipe.vae
+    if release:
+        pipe.vae = None
+    return vae
 
 
 def _config_settings(config: Any) -> dict[str, Any]:

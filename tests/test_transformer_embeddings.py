@@ -88,10 +88,3 @@ def test_cli_embedding_on_a_flux_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "00000_0.png").is_file()
-
-
-@pytest.mark.parametrize("build", [tiny_sd3_pipeline, tiny_flux_pipeline], ids=["sd3", "flux"])
-def test_the_clip_embeddings_unit_refuses_transformer_pipelines_in_one_line(build):
-    pipe = build()
-    with pytest.raises(ValueError, match="clip-embeddings .* is for SD and SDXL pipelines.*--embedding"):
-        load_conditioner("clip-embeddings", pipe)

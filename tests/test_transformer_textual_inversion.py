@@ -70,17 +70,3 @@ def test_min_snr_is_refused_for_flow_matching(tmp_path):
     config = TrainingConfig(output_dir=tmp_path / "run", max_train_steps=1, train_batch_size=2, snr_gamma=5.0, show_progress=False)
     with pytest.raises(ValueError, match="snr_gamma \\(Min-SNR\\) weights DDPM timesteps; this model's FlowMatchEulerDiscreteScheduler"):
         train(method, pipe.transformer, pipe.vae, pipe.scheduler, red_squares(), config, conditioner=conditioner)
-
-
-def test_the_training_cli_refuses_a_transformer_pipeline_in_one_line(tmp_path, capsys):
-    from condkit.cli import main
-
-    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
-    data = tmp_path / "data"
-    data.mkdir()
-    for index, (image, _) in enumerate(red_squares(2)):
-        image.save(data / f"{index}.png")
-    code = main(["train", "textual-inversion", "--model", str(tmp_path / "flux"), "--data", str(data), "--initializer", "red",
-                 "--out", str(tmp_path / "run"), "--max-train-steps", "1", "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and "condkit train textual-inversion runs on StableDiffusion(XL) models; this is a FluxPipeline" in err

@@ -53,12 +53,13 @@ def byte_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(byte_tokenizer_dir(pad_token))
 
 
-def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 32) -> CLIPTextConfig:
+def clip_text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 32, layers: int = 3) -> CLIPTextConfig:
+    """A tiny CLIP text encoder's config for `tokenizer` (SD, SDXL and the SD3/Flux pipelines of tiny_transformer_models)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
@@ -106,7 +107,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
         "unet": unet,
         "scheduler": scheduler,
         "vae": _vae(),
-        "text_encoder": CLIPTextModel(_text_config(tokenizer, 32)).eval(),
+        "text_encoder": CLIPTextModel(clip_text_config(tokenizer, 32)).eval(),
         "tokenizer": tokenizer,
         "safety_checker": None,
         "feature_extractor": None,
@@ -136,8 +137,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(tokenizer, 32)).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, 32, projection=32)).eval(),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer, 32)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer_2, 32, projection=32)).eval(),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,

@@ -19,16 +19,18 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from tiny_models import byte_tokenizer
+from tiny_models import byte_tokenizer, clip_text_config
 
 T5_WIDTH = 96
 CLIP_WIDTH = 32
+CLIP_LAYERS = 4
 
 
 def character_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
@@ -45,22 +47,6 @@ def character_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
     return T5TokenizerFast(
         tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
         model_max_length=model_max_length,
-    )
-
-
-def _clip_config(tokenizer, projection: int = CLIP_WIDTH) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=2 * CLIP_WIDTH,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection,
-        layer_norm_eps=1e-5,
     )
 
 
@@ -94,9 +80,9 @@ def tiny_sd3_components(seed: int = 0, with_t5: bool = True) -> dict:
         "transformer": transformer.eval(),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": _vae(latent_channels=4),
-        "text_encoder": CLIPTextModelWithProjection(_clip_config(tokenizer)).eval(),
+        "text_encoder": CLIPTextModelWithProjection(clip_text_config(tokenizer, CLIP_WIDTH, CLIP_WIDTH, CLIP_LAYERS)).eval(),
         "tokenizer": tokenizer,
-        "text_encoder_2": CLIPTextModelWithProjection(_clip_config(tokenizer_2)).eval(),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_text_config(tokenizer_2, CLIP_WIDTH, CLIP_WIDTH, CLIP_LAYERS)).eval(),
         "tokenizer_2": tokenizer_2,
         "text_encoder_3": tiny_t5(tokenizer_3) if with_t5 else None,
         "tokenizer_3": tokenizer_3 if with_t5 else None,
@@ -111,6 +97,20 @@ def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pi
     return pipe
 
 
+def tiny_sd3_controlnet(seed: int = 0) -> SD3ControlNetModel:
+    """An SD3 ControlNet matching tiny_sd3_components' transformer. The zero-initialised output layers and control
+    input get PyTorch's default random weights, so the control image and the prompt embeddings change the result."""
+    torch.manual_seed(seed)
+    controlnet = SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH, caption_projection_dim=32, pooled_projection_dim=2 * CLIP_WIDTH, out_channels=4,
+        pos_embed_max_size=16,
+    )
+    for zero_initialised in [*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj]:
+        zero_initialised.reset_parameters()
+    return controlnet.eval()
+
+
 def tiny_flux_components(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = byte_tokenizer(), character_t5_tokenizer()
@@ -122,7 +122,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
         "transformer": transformer.eval(),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": _vae(latent_channels=4),
-        "text_encoder": CLIPTextModel(_clip_config(tokenizer)).eval(),
+        "text_encoder": CLIPTextModel(clip_text_config(tokenizer, CLIP_WIDTH, CLIP_WIDTH, CLIP_LAYERS)).eval(),
         "tokenizer": tokenizer,
         "text_encoder_2": tiny_t5(tokenizer_2),
         "tokenizer_2": tokenizer_2,

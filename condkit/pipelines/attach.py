@@ -11,8 +11,9 @@ block ends, also on error. Nothing is swapped: `pipe.unet` stays the UNet, so Lo
 A hook acts only on `PipelineFeatures` (what a timestep-aware conditioner's `encode()` returns):
 it replaces them with `at_timestep(features, t)` and, when that returns a pooled vector too,
 replaces the pooled input (SDXL's `added_cond_kwargs["text_embeds"]`, a transformer's
-`pooled_projections`). Plain prompt embeddings pass untouched, so a pipeline made with `from_pipe`,
-which shares the modules, runs normally inside the block. A UNet and a ControlNet called with the
+`pooled_projections`; an SD3 ControlNet made for zero pooled projections keeps its zeros). Plain
+prompt embeddings pass untouched, so a pipeline made with `from_pipe`, which shares the modules,
+runs normally inside the block. A UNet and a ControlNet called with the
 same features at the same timestep get one mapping, computed once.
 
 Timesteps reach `at_timestep` in one unit on every pipeline, the scheduler's (σ·1000 for flow matching):
@@ -97,6 +98,9 @@ class _ConditioningHook:
         parameters = inspect.signature(getattr(module, "_orig_mod", module).forward).parameters
         self.positions = {name: index for index, name in enumerate(parameters)}
         self.takes_pooled_projections = "pooled_projections" in parameters
+        # An SD3 ControlNet trained with zero pooled projections gets zeros from its pipeline whatever the prompt: keep them.
+        config = getattr(getattr(module, "_orig_mod", module), "config", None)
+        self.keeps_zero_pooled = bool(getattr(config, "force_zeros_for_pooled_projection", False))
         self.takes_txt_ids = "txt_ids" in parameters  # Flux: one RoPE position row per text token
         self.timestep_scale = 1000 if type(getattr(module, "_orig_mod", module)).__name__ in TIMESTEP_IN_THOUSANDS else 1
         self.mapping = mapping
@@ -134,7 +138,7 @@ class _ConditioningHook:
         text_ids = self._get(args, kwargs, "txt_ids") if self.takes_txt_ids else None
         if text_ids is not None and text_ids.shape[-2] != hidden.shape[1]:
             args = self._set(args, kwargs, "txt_ids", resized_text_ids(text_ids, hidden.shape[1]))
-        if pooled is not None:
+        if pooled is not None and not self.keeps_zero_pooled:
             pooled = pooled.to(device=features.device, dtype=dtype).contiguous()
             if self.takes_pooled_projections:
                 args = self._set(args, kwargs, "pooled_projections", pooled)

@@ -92,6 +92,8 @@ class TrainingConfig:
     progress_label: the progress bar's description.
     resolution, center_crop, random_flip, aspect_ratio_bucketing: how images are sized and varied
     (see condkit.training.augment and bucketing); latents are cached per image and view.
+    release_vae: encode every image before the first step, then let go of the VAE, so that its memory is
+    freed if the caller holds no other reference (fixed views only: no random crops, flips or buckets).
     """
 
     output_dir: str | Path
@@ -124,6 +126,7 @@ class TrainingConfig:
     show_progress: bool | None = None  # None: as condkit.verbosity says (off after quiet())
     progress_label: str = "training"
     vae_batch_size: int = 8
+    release_vae: bool = False
 
     def __post_init__(self) -> None:
         counts = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps")
@@ -274,6 +277,9 @@ def train(
         device=accelerator.device, conditioner=conditioner, center_crop=config.center_crop,
         random_flip=config.random_flip, aspect_ratio_bucketing=config.aspect_ratio_bucketing,
     )  # fmt: skip
+    del vae  # with release_vae the cache may then hold the last reference
+    if config.release_vae:
+        objective.encode_all_then_release_vae()
     return _TrainingRun(method, objective, len(dataset), config, validate, accelerator).run()
 
 

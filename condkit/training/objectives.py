@@ -96,6 +96,12 @@ class DenoisingObjective:
             self.groups = assign_buckets([self.latents.image_size(i) for i in range(len(dataset))], self.buckets)
         self.uses_views = self.buckets is not None or self.augmentation.is_random
 
+    def encode_all_then_release_vae(self) -> None:
+        """Cache every image's latents now and drop the VAE (see TrainingConfig.release_vae)."""
+        if self.uses_views:
+            raise ValueError("release_vae needs fixed views: random crops, flips and buckets encode new views while training")
+        self.latents.encode_all_then_release_vae()
+
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint, beyond the loop's own settings."""
         conditioner = None

@@ -2,9 +2,9 @@
 
     save_token_run(out, method, conditioner, result, summary, overwrite=resume)
 
-RUN/conditioner is an `EmbeddingsConditioner` (CLIP plus the learned token, see
-condkit.conditioning.learned_tokens), so `condkit generate --conditioner RUN` uses the token with
-no --embedding flag; RUN/learned_embeds.safetensors stays the file other tools read.
+RUN/conditioner is a "clip-embeddings" unit (the family's CLIP conditioner plus the learned token, see
+condkit.conditioning.learned_tokens) for SD, SDXL, SD3 and Flux alike, so `condkit generate --conditioner RUN`
+uses the token with no --embedding flag; RUN/learned_embeds.safetensors stays the file other tools read.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from condkit.conditioning.learned_tokens import EmbeddingsConditioner
+from condkit.conditioning.learned_tokens import with_learned_tokens
 
 from .loop import TrainingResult
 from .model_card import RunSummary
@@ -23,8 +23,7 @@ def save_token_run(folder: str | Path, method: Any, conditioner: Any, result: Tr
                    overwrite: bool = False, push_to_hub: str | None = None) -> Path:
     """Write RUN/conditioner (the token as a unit), the loss log and curve and the model card; returns RUN/conditioner."""
     folder = Path(folder)
-    unit = EmbeddingsConditioner(conditioner.tokenizers, conditioner.text_encoders,
-                                 embeddings=[method.learned_embedding(result.last_step)], **conditioner.config)
+    unit = with_learned_tokens(conditioner, [method.learned_embedding(result.last_step)])
     saved = unit.save_pretrained(folder / CONDITIONER, overwrite=overwrite)
     finish_run(folder, result, summary, push_to_hub=push_to_hub)
     return saved

@@ -2,6 +2,8 @@
 
 Each case builds a fresh, deterministic pipeline (random weights from fixed seeds) and gives the extra
 `pipe(...)` kwargs it needs besides the prompt or its embeddings. All images are 32x32 px.
+
+Families: "sd" and "sdxl" denoise with a UNet; "sd3" and "flux" with a transformer (tests/tiny_transformer_models.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import numpy as np
 import PIL.Image
 from diffusers import (
     AutoPipelineForText2Image,
+    FluxImg2ImgPipeline,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -24,8 +28,16 @@ from diffusers import (
 )
 
 from tiny_models import tiny_controlnet, tiny_sd2_components, tiny_sd_components, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_transformer_models import (
+    tiny_flux_components,
+    tiny_flux_pipeline,
+    tiny_sd3_components,
+    tiny_sd3_controlnet,
+    tiny_sd3_pipeline,
+)
 
 SIZE = 32
+TRANSFORMER_FAMILIES = ("sd3", "flux")
 
 
 @dataclass
@@ -35,6 +47,11 @@ class PipelineCase:
     build: Callable[[], Any]
     call_kwargs: Callable[[], dict]
     denoisers: tuple[str, ...]
+    calls_per_step: int = 1  # denoiser calls per step: 2 for Flux's true CFG (the positive rows, then the negative)
+
+    @property
+    def has_transformer(self) -> bool:
+        return self.family in TRANSFORMER_FAMILIES
 
 
 def _quiet(pipe):
@@ -108,6 +125,22 @@ def _sd2():
     return _quiet(StableDiffusionPipeline(**tiny_sd2_components()))
 
 
+def _sd3_controlnet():
+    return _quiet(StableDiffusion3ControlNetPipeline(**tiny_sd3_components(), controlnet=tiny_sd3_controlnet(seed=10)))
+
+
+def _sd3_control() -> dict:
+    return {"control_image": _image(3), **_size()}
+
+
+def _flux_img2img():
+    return _quiet(FluxImg2ImgPipeline(**tiny_flux_components()))
+
+
+def _true_cfg() -> dict:
+    return {"true_cfg_scale": 2.0, **_size()}
+
+
 CASES: list[PipelineCase] = [
     PipelineCase("sd-txt2img", "sd", tiny_sd_pipeline, _size, ("unet",)),
     PipelineCase("sd-img2img", "sd", _sd(StableDiffusionImg2ImgPipeline), _img2img, ("unet",)),
@@ -129,6 +162,11 @@ CASES: list[PipelineCase] = [
     ),
     PipelineCase("sd-autopipeline-from-pipe", "sd", _sd_autopipeline_from_pipe, _size, ("unet",)),
     PipelineCase("sd2-v-prediction-1024", "sd", _sd2, _size, ("unet",)),
+    PipelineCase("sd3-txt2img", "sd3", tiny_sd3_pipeline, _size, ("transformer",)),
+    PipelineCase("sd3-controlnet", "sd3", _sd3_controlnet, _sd3_control, ("transformer", "controlnet")),
+    PipelineCase("flux-txt2img", "flux", tiny_flux_pipeline, _size, ("transformer",)),
+    PipelineCase("flux-true-cfg", "flux", tiny_flux_pipeline, _true_cfg, ("transformer",), calls_per_step=2),
+    PipelineCase("flux-img2img", "flux", _flux_img2img, lambda: {**_img2img(), **_size()}, ("transformer",)),
 ]
 
 _BY_NAME = {c.name: c for c in CASES}

@@ -24,7 +24,22 @@ def _run(pipe, case: PipelineCase, **prompt_kwargs) -> np.ndarray:
     ).images
 
 
+def _with_pooled(embeds, negative, pooled, negative_pooled) -> dict:
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+
+
 def _embeddings(pipe, case: PipelineCase) -> dict:
+    if case.family == "sd3":
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=PROMPT, prompt_2=None, prompt_3=None, negative_prompt=NEGATIVE, device=pipe.device,
+            do_classifier_free_guidance=True,
+        )
+        return _with_pooled(embeds, negative, pooled, negative_pooled)
+    if case.family == "flux":  # one encode_prompt per text: Flux has no negative in it
+        embeds, pooled, _ = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, device=pipe.device)
+        negative, negative_pooled, _ = pipe.encode_prompt(prompt=NEGATIVE, prompt_2=None, device=pipe.device)
+        return _with_pooled(embeds, negative, pooled, negative_pooled)
     if case.family == "sdxl":
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=PROMPT,
@@ -33,12 +48,7 @@ def _embeddings(pipe, case: PipelineCase) -> dict:
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
         )
-        return {
-            "prompt_embeds": embeds,
-            "negative_prompt_embeds": negative,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": negative_pooled,
-        }
+        return _with_pooled(embeds, negative, pooled, negative_pooled)
     embeds, negative = pipe.encode_prompt(PROMPT, pipe.device, 1, True, NEGATIVE)
     return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 
@@ -73,7 +83,7 @@ def test_case_runs_calls_denoisers_and_accepts_embeddings(case: PipelineCase):
     assert np.isfinite(images).all()
     assert pipe.num_timesteps >= 1
     for label, kwargs_per_call in calls.items():
-        assert len(kwargs_per_call) == pipe.num_timesteps, label
+        assert len(kwargs_per_call) == case.calls_per_step * pipe.num_timesteps, label
         assert all("encoder_hidden_states" in kwargs for kwargs in kwargs_per_call), label
 
     np.testing.assert_array_equal(_run(pipe, case, prompt=PROMPT, negative_prompt=NEGATIVE), images)
