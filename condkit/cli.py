@@ -257,6 +257,9 @@ def _add_textual_inversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", default="object", choices=("object", "style"), help="prompt templates (default: object)")
     parser.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded shapes-world model)")
     parser.add_argument("--out", default="runs/textual-inversion", help="run folder: checkpoints and the learned embedding")
+    parser.add_argument("--max-sequence-length", type=positive_int, default=None,
+                        help="SD3 and Flux: T5 tokens per training caption, at most 512 (default: the pipeline's, 256 for SD3, "
+                             "512 for Flux); recorded in RUN/conditioner")
     parser.add_argument("--save-format", default=None, help="embedding file format (default: diffusers for SD, sdxl_single_file "
                         "for SDXL; SD3/Flux: sd3_single_file / flux_single_file only)")
     parser.add_argument("--max-train-steps", type=positive_int, default=500)
@@ -321,11 +324,11 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_summary(args: argparse.Namespace, method: str, data: str, steps: int, settings: dict[str, Any]) -> Any:
     from condkit.training.model_card import RunSummary
-    from condkit.training.run_folder import command_line
+    from condkit.training.run_folder import command_line, generate_usage
 
     return RunSummary(method=method, base_model=args.model or "the embedded shapes-world model", data=data, steps=steps,
                       settings=settings, command=command_line(getattr(args, "argv", None)),
-                      usage=f"condkit generate --conditioner {args.out} --prompt \"...\"",
+                      usage=generate_usage(args.model, args.out),
                       validation_prompts=list(getattr(args, "validation_prompt", [])))
 
 
@@ -457,6 +460,8 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
         raise ValueError("--data (or --images) or --dataset, and --initializer, are required (on the command line or in --config)")
     if args.save_format is not None and args.save_format not in FORMATS:
         raise ValueError(f"--save-format {args.save_format!r} is unknown; expected one of: {', '.join(FORMATS)}")
+    if args.max_sequence_length is not None and not 2 <= args.max_sequence_length <= 512:
+        raise ValueError(f"--max-sequence-length must be from 2 to 512 (SD3's and Flux's T5 limit), got {args.max_sequence_length}")
     _check_run_options(args)
     check_output_folder(args.out, overwrite=True)  # a folder we can write (earlier runs are resumed or refused below)
     out = Path(args.out)
@@ -468,7 +473,8 @@ def _train_new_token(args: argparse.Namespace, make_method: Callable[[Any], Any]
     accelerator = make_accelerator(args.mixed_precision, args.report_to, out)
     # The frozen encoders run in every step, so they must sit on the device the loop trains on.
     pipe = load_pipeline(args.model, str(accelerator.device), "float32")
-    parts = token_training_parts(pipe, args.method)  # SD/SDXL: UNet and CLIP; SD3/Flux: transformer, CLIP(s) and T5
+    parts = token_training_parts(pipe, args.method,  # SD/SDXL: UNet and CLIP; SD3/Flux: transformer, CLIP(s) and T5
+                                 max_sequence_length=args.max_sequence_length)
     check_save_format(parts, args.save_format)
     conditioner = parts.conditioner
     method = make_method(conditioner)

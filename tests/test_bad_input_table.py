@@ -177,6 +177,7 @@ def file_cases(folder, model_dir) -> list[tuple[list[str], str]]:
         (["eval", *model, "--prompt-set", "nope", *out], "nope"),
         (["eval", *model, "--prompt-set", set_without_spec, *out], "spec"),
         ([*ti, "--placeholder", ""], "placeholder ''"),
+        ([*ti, "--placeholder", "<c>", "--max-sequence-length", "8"], "applies to SD3 and Flux pipelines"),
         ([*ti, "--placeholder", "a"], "'a'"),  # the byte-level test tokenizer knows single characters
         ([*ti, "--placeholder", "<two words>"], "<two words>"),
         ([*ti, "--train-batch-size", "4"], "the dataset has 1 images"),

@@ -41,10 +41,10 @@ def model(request, tmp_path_factory):
     return request.param, folder
 
 
-def python_api_vectors(folder, data, out) -> list[torch.Tensor]:
+def python_api_vectors(folder, data, out, **conditioner_options) -> list[torch.Tensor]:
     """What the CLI flags above mean, through the Python API."""
     pipe = load_pipeline(str(folder), "cpu", "float32")
-    conditioner = load_conditioner("clip", pipe)
+    conditioner = load_conditioner("clip", pipe, **conditioner_options)
     method = TextualInversion(conditioner, "<c>", "red", num_vectors=2, seed=3)
     config = TrainingConfig(output_dir=out, max_train_steps=2, train_batch_size=2, learning_rate=0.01, resolution=32,
                             seed=3, checkpointing_steps=100, mixed_precision="auto", show_progress=False)
@@ -65,7 +65,7 @@ def test_cli_textual_inversion_equals_the_python_api_and_generates_with_the_run_
     assert set(load_file(learned)) == FILE_KEYS[family]  # the keys ComfyUI's loader reads
     assert (run / "README.md").is_file() and (run / "loss_log.jsonl").is_file()
     assert (run / "conditioner" / "conditioner_config.json").is_file()
-    assert f"--conditioner {run}" in (run / "README.md").read_text()
+    assert f"condkit generate --model {folder} --conditioner {run}" in (run / "README.md").read_text()  # the model it needs
 
     from_cli = read_embedding(learned, "<c>").vectors
     from_python = python_api_vectors(folder, data, tmp_path / "python-run")
@@ -90,6 +90,19 @@ def test_cli_textual_inversion_equals_the_python_api_and_generates_with_the_run_
     assert np.array_equal(drawn["embedding"], np.asarray(expected.image))
 
 
+def test_max_sequence_length_trains_as_the_python_api_and_is_recorded_in_the_unit(model, data, tmp_path, capsys):
+    family, folder = model
+    run = tmp_path / "run"
+    code = main(["train", "textual-inversion", "--model", str(folder), "--data", str(data), "--out", str(run), *TRAINING,
+                 "--max-sequence-length", "8"])
+    assert code == 0, capsys.readouterr().err
+    from_cli = read_embedding(run / "learned_embeds.safetensors", "<c>").vectors
+    from_python = python_api_vectors(folder, data, tmp_path / "python-run", max_sequence_length=8)
+    assert all(torch.equal(a, b) for a, b in zip(from_cli, from_python, strict=True))
+    pipe = load_pipeline(str(folder), "cpu", "float32")
+    assert load_conditioner(str(run), pipe).config["max_sequence_length"] == 8
+
+
 def test_bad_transformer_training_input_is_one_line(model, data, tmp_path, capsys):
     family, folder = model
     other = "flux_single_file" if family == "sd3" else "sd3_single_file"
@@ -97,6 +110,7 @@ def test_bad_transformer_training_input_is_one_line(model, data, tmp_path, capsy
         (["textual-inversion", "--save-format", other], f"--save-format {other!r} does not fit this model"),
         (["textual-inversion", "--save-format", "diffusers"], f"its tokens are written as '{family}_single_file'"),
         (["core"], "condkit train core runs on StableDiffusion(XL) models"),
+        (["textual-inversion", "--max-sequence-length", "600"], "--max-sequence-length must be from 2 to 512"),
     ]
     for (command, *extra), message in cases:
         out = tmp_path / command

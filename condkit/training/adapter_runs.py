@@ -35,7 +35,7 @@ from condkit.conditioning.llm_adapter import LLMAdapterConditioner
 from condkit.conditioning.projection import CLP, ProjectedConditioner, WiCLP
 from condkit.training.adapters import ConnectorTraining, ProjectionTraining
 from condkit.training.model_card import RunSummary, training_settings
-from condkit.training.run_folder import finish_run
+from condkit.training.run_folder import finish_run, generate_usage
 
 KINDS = ("llm", "projection")
 PROJECTIONS = {"wiclp": WiCLP, "clp": CLP}
@@ -132,7 +132,7 @@ def run_adapter_training(
             method=method_name, base_model=str(model) if model is not None else "the embedded shapes-world model",
             data=data_description or getattr(dataset, "summary", lambda: f"{len(dataset)} (image, caption) pairs")(),
             steps=result.last_step, settings={**record, **training_settings(config)}, command=command,
-            usage=f"condkit generate --conditioner {out_dir} --prompt \"...\"", validation_prompts=list(validation_prompts),
+            usage=generate_usage(model, out_dir), validation_prompts=list(validation_prompts),
         )  # fmt: skip
         finish_run(out_dir, result, summary, push_to_hub=push_to_hub)
     accelerator.wait_for_everyone()

@@ -31,6 +31,12 @@ VALIDATION = "validation"
 CONDITIONER = RUN_CONDITIONER
 
 
+def generate_usage(model: str | Path | None, run: str | Path) -> str:
+    """The `condkit generate` command that uses a run's conditioner on the model it was trained for."""
+    model_flag = "" if model is None else f" --model {shlex.quote(str(model))}"
+    return f"condkit generate{model_flag} --conditioner {shlex.quote(str(run))} --prompt \"...\""
+
+
 def command_line(argv: list[str] | None) -> str | None:
     """The command as a user would retype it ("condkit train ...")."""
     return None if argv is None else shlex.join(["condkit", *map(str, argv)])

@@ -33,9 +33,13 @@ class TokenTrainingParts:
     embedding_format: str | None  # the only layout a transformer family's token is written in; None: SD's choice
 
 
-def token_training_parts(pipe: Any, method: str) -> TokenTrainingParts:
-    """The conditioner and denoiser `condkit train METHOD` uses on `pipe`; one-line ValueError for a pipeline it cannot."""
+def token_training_parts(pipe: Any, method: str, max_sequence_length: int | None = None) -> TokenTrainingParts:
+    """The conditioner and denoiser `condkit train METHOD` uses on `pipe`; one-line ValueError for a pipeline it cannot.
+    max_sequence_length (SD3 and Flux only): T5 tokens per caption, as `condkit generate --max-sequence-length`."""
     from condkit.conditioning.clip import CLIPConditioner
+    from condkit.pipelines.transformer_options import check_max_sequence_length
+
+    check_max_sequence_length(pipe, max_sequence_length)
 
     if getattr(pipe, "unet", None) is not None:
         return TokenTrainingParts(CLIPConditioner.from_pipeline(pipe), pipe.unet,
@@ -49,7 +53,8 @@ def token_training_parts(pipe: Any, method: str) -> TokenTrainingParts:
                          f"cross-attention); this is a {family} (SD3/Flux: condkit train textual-inversion)")
     from condkit.conditioning.registry import load_conditioner
 
-    conditioner = load_conditioner("clip", pipe)
+    options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    conditioner = load_conditioner("clip", pipe, **options)
     return TokenTrainingParts(conditioner, transformer, pipe.default_sample_size * pipe.vae_scale_factor,
                               conditioner.embedding_format)
 
