@@ -8,7 +8,11 @@ words withheld: the placeholder starts from the generic word "object". Then:
   background", ...) — does the whole prompt hold (every object, relation and background)?
 - "words", the reference: the concept's own words in place of the token, nothing learned.
 
-    python benchmarks/personalization.py [--steps 300] [--n 4]
+Every variant draws each prompt at the same seeds, so variants compare image for image: each
+column comes with its 95% crossed-bootstrap interval over prompts and seeds, and each variant
+against the one it builds on with the paired difference and its interval (bootstrap.py).
+
+    python benchmarks/personalization.py [--steps 500] [--n 8] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from condkit import load_pipeline
 from condkit.conditioning.clip import CLIPConditioner
+from condkit.shapes_world.bootstrap import interval, paired_difference
 from condkit.shapes_world.captions import parse_caption
 from condkit.shapes_world.concepts import concept_images
 from condkit.shapes_world.scorer import score
@@ -43,9 +48,10 @@ ALIGNMENT_PROMPTS = [
 ]
 
 
-def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> dict[str, float]:
-    """Averaged over prompts × n images: the concept found (colour, shape and size), its colour and
-    shape found (any size), and the whole prompt holding (every object, relation and background)."""
+def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """(prompts × n) score matrices, the same seeds seed … seed+n−1 for every prompt and variant: the
+    concept found (colour, shape and size), its colour and shape found (any size), and the whole prompt
+    holding (every object, relation and background)."""
     conditioner = CLIPConditioner.from_pipeline(pipe)
     concept_spec = parse_caption(concept_phrase)
     found, pair, whole = [], [], []
@@ -55,12 +61,11 @@ def generate_scores(pipe, prompts: list[str], concept_phrase: str, n: int, seed:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         images = pipe(**cond.kwargs(), num_inference_steps=25, guidance_scale=5.0, generator=generators).images
         spec = parse_caption(prompt.replace(PLACEHOLDER, concept_phrase))
-        for image in images:
-            concept_scores = score(image, concept_spec)
-            found.append(concept_scores["object_recall"])
-            pair.append(concept_scores["colour_shape_binding"])
-            whole.append(score(image, spec)["all_correct"])
-    return {"concept": float(np.mean(found)), "colour_shape": float(np.mean(pair)), "all_correct": float(np.mean(whole))}
+        concept_scores = [score(image, concept_spec) for image in images]
+        found.append([s["object_recall"] for s in concept_scores])
+        pair.append([s["colour_shape_binding"] for s in concept_scores])
+        whole.append([score(image, spec)["all_correct"] for image in images])
+    return {"concept": np.array(found, float), "colour_shape": np.array(pair, float), "all_correct": np.array(whole, float)}
 
 
 def train_concept(method_name: str, args, images) -> tuple:
@@ -76,7 +81,7 @@ def train_concept(method_name: str, args, images) -> tuple:
     return pipe, method.eval()
 
 
-def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str, args) -> dict[str, float]:
+def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str, args) -> dict[str, np.ndarray]:
     """CoRe's test-time variant: per prompt, adjust the learned embedding for it, generate, restore."""
     trained = [table.new_rows.detach().clone() for table in method.embeddings]
     per_prompt = []
@@ -86,15 +91,30 @@ def scores_with_test_time(pipe, method, prompts: list[str], concept_phrase: str,
         with torch.no_grad():
             for table, rows in zip(method.embeddings, trained):
                 table.new_rows.copy_(rows)
-    return {key: float(np.mean([scores[key] for scores in per_prompt])) for key in per_prompt[0]}
+    return {key: np.concatenate([scores[key] for scores in per_prompt]) for key in per_prompt[0]}
 
 
-def row(identity: dict[str, float], alignment: dict[str, float]) -> dict:
+# Each reported column: (name, which prompts, which score matrix).
+COLUMNS = (
+    ("identity", "identity", "concept"),
+    ("identity_colour_shape", "identity", "colour_shape"),
+    ("alignment_concept_found", "alignment", "concept"),
+    ("alignment_all_correct", "alignment", "all_correct"),
+)
+
+
+def row(identity: dict[str, np.ndarray], alignment: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    matrices = {"identity": identity, "alignment": alignment}
+    return {column: matrices[prompts][key] for column, prompts, key in COLUMNS}
+
+
+def paired_comparisons(rows: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict]]:
+    """A − B with its 95% interval over prompts and seeds, for every column, between each variant
+    and the one it builds on (TI vs the words, CoRe vs TI, test-time vs CoRe and vs TI)."""
+    pairs = [("ti", "words"), ("core", "ti"), ("core+test-time", "core"), ("core+test-time", "ti")]
     return {
-        "identity": identity["concept"],
-        "identity_colour_shape": identity["colour_shape"],
-        "alignment_concept_found": alignment["concept"],
-        "alignment_all_correct": alignment["all_correct"],
+        f"{a} - {b}": {column: paired_difference(rows[a][column], rows[b][column]) for column, _, _ in COLUMNS}
+        for a, b in pairs if a in rows and b in rows
     }
 
 
@@ -129,7 +149,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--num-vectors", type=int, default=1)
-    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument("--n", type=int, default=8, help="images per prompt (default: 8, as condkit eval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default="words,ti,core,core+test-time")
     parser.add_argument("--quiet", action="store_true")
@@ -143,13 +163,23 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; expected words, ti, core, core+test-time")
     rows = run_variants(variants, args, images, concept_phrase)
-    print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt")
-    print(f"{'variant':16s} {'identity':>9s} {'identity: colour+shape':>23s} {'align: concept':>15s} {'align: all correct':>19s}")
-    for name, scores in rows.items():
-        print(f"{name:16s} {scores['identity']:9.3f} {scores['identity_colour_shape']:23.3f} "
-              f"{scores['alignment_concept_found']:15.3f} {scores['alignment_all_correct']:19.3f}")
+    comparisons = paired_comparisons(rows)
+    print(f"concept: {concept_phrase}, {args.images} images, {args.steps} steps, {args.n} images per prompt "
+          f"(seeds {args.seed}…{args.seed + args.n - 1} for every prompt and variant); 95% crossed-bootstrap intervals")
+    print(f"{'variant':16s} " + " ".join(f"{column:>26s}" for column, _, _ in COLUMNS))
+    for name, matrices in rows.items():
+        cells = [("%.3f [%.3f, %.3f]" % interval(matrices[column])).rjust(26) for column, _, _ in COLUMNS]
+        print(f"{name:16s} " + " ".join(cells))
+    for label, columns in comparisons.items():
+        print(f"{label:22s} " + "  ".join(
+            f"{column} {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{' *' if c['significant'] else ''}"
+            for column, c in columns.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        table = {name: {column: dict(zip(("mean", "low", "high"), interval(matrix))) for column, matrix in matrices.items()}
+                 for name, matrices in rows.items()}
+        scores = {name: {column: matrix.tolist() for column, matrix in matrices.items()} for name, matrices in rows.items()}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": table, "comparisons": comparisons,
+                                               "scores": scores}, indent=2))
 
 
 if __name__ == "__main__":

@@ -77,8 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate images from prompts", description="Generate images from prompts.")
     prompts = generate.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several); A1111 syntax")
-    prompts.add_argument("--prompts-file", default=None, help="a .txt file (one prompt per line) or .jsonl ({\"prompt\", \"negative_prompt\", \"seed\"})")
+    prompts.add_argument("--prompts-file", default=None, help="a .txt file (one prompt per line) or .jsonl ({\"prompt\", \"negative_prompt\", \"seed\"}, "
+                         "and \"prompt_2\", \"negative_prompt_2\", \"prompt_3\", \"negative_prompt_3\")")
     generate.add_argument("--negative", action="append", default=None, help="negative prompt: one for all prompts, or one per --prompt")
+    generate.add_argument("--prompt-2", action="append", default=None,
+                          help="the second text encoder's prompt (diffusers' prompt_2: SDXL's and SD3's CLIP-G, Flux's T5; "
+                               "default: --prompt): one for all prompts, or one per --prompt")
+    generate.add_argument("--negative-2", action="append", default=None,
+                          help="the second text encoder's negative (negative_prompt_2; default: --negative), as --prompt-2")
+    generate.add_argument("--prompt-3", action="append", default=None,
+                          help="SD3's T5 prompt (prompt_3; default: --prompt), as --prompt-2")
+    generate.add_argument("--negative-3", action="append", default=None,
+                          help="SD3's T5 negative (negative_prompt_3; default: --negative), as --prompt-2")
     generate.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (default: 1)")
     generate.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     generate.add_argument("--no-grid", action="store_true", help="do not write grid.png")
@@ -682,19 +692,29 @@ def _subparser_for(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         current = actions[0].choices[chosen]
 
 
+PER_PROMPT_FLAGS = {  # flag → the PromptRequest field it fills; each given once (for every --prompt) or once per --prompt
+    "--negative": "negative_prompt", "--prompt-2": "prompt_2", "--negative-2": "negative_prompt_2",
+    "--prompt-3": "prompt_3", "--negative-3": "negative_prompt_3",
+}
+
+
 def _requests_from_args(args: argparse.Namespace, PromptRequest: Any, read_prompts_file: Callable) -> list:
+    given = {flag: values for flag in PER_PROMPT_FLAGS if (values := getattr(args, flag[2:].replace("-", "_"), None))}
     if args.prompts_file:
-        if args.negative:
-            raise ValueError("--negative cannot be combined with --prompts-file; put negative_prompt in the JSONL lines")
+        if given:
+            flag = next(iter(given))
+            raise ValueError(f"{flag} cannot be combined with --prompts-file; put {PER_PROMPT_FLAGS[flag]} in the JSONL lines")
         return read_prompts_file(args.prompts_file)
     if not args.prompt:
         raise ValueError("no prompt given; use --prompt TEXT or --prompts-file FILE")
-    negatives = args.negative or []
-    if len(negatives) == 1:
-        negatives = negatives * len(args.prompt)
-    elif negatives and len(negatives) != len(args.prompt):
-        raise ValueError(f"got {len(negatives)} --negative values for {len(args.prompt)} prompts; expected 1 or {len(args.prompt)}")
-    return [PromptRequest(prompt, negatives[i] if negatives else None) for i, prompt in enumerate(args.prompt)]
+    count = len(args.prompt)
+    for flag, values in given.items():
+        if len(values) not in (1, count):
+            raise ValueError(f"got {len(values)} {flag} values for {count} prompts; expected 1 or {count}")
+    return [
+        PromptRequest(prompt, **{PER_PROMPT_FLAGS[flag]: values[i if len(values) > 1 else 0] for flag, values in given.items()})
+        for i, prompt in enumerate(args.prompt)
+    ]
 
 
 def _conditioner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -758,7 +778,7 @@ def _check_prompts(requests: list[Any], emphasis: str | None) -> None:
     from condkit.conditioning.chunking import prompt_runs
 
     for request in requests:
-        for text in (request.prompt, request.negative_prompt):
+        for text in request.texts():
             if text is not None:
                 prompt_runs(text, parse_emphasis=emphasis != "none")
 

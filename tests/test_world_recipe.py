@@ -134,6 +134,18 @@ def test_clip_report_says_which_facts_the_encoder_tells_apart(tiny_run):
         assert 0.0 <= report[f"prefers_caption_over_{kind}_negative"] <= 1.0
 
 
+def test_model_card_holds_the_recipe_and_every_stage_report(tiny_run):
+    card = (tiny_run / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers")
+    clip_report = json.loads((tiny_run / "clip" / "done.json").read_text())
+    vae_report = json.loads((tiny_run / "vae" / "done.json").read_text())
+    assert f"| prefers_caption_over_relation_negative | {clip_report['prefers_caption_over_relation_negative']:.4g} |" in card
+    assert f"| scorer.reconstructions.colour_shape_binding | {vae_report['scorer']['reconstructions']['colour_shape_binding']:.4g} |" in card
+    for stage in ("clip", "vae", "unet", "decoder"):
+        assert f"## {stage}\n" in card
+    assert "| negatives_per_image | 3 |" in card  # the tiny recipe's setting
+
+
 def test_finished_stages_are_skipped_on_resume(tiny_run):
     before = (tiny_run / "clip" / "done.json").stat().st_mtime_ns
     train_world(tiny_run, scale="tiny", stages=("tokenizer", "clip"))

@@ -33,6 +33,8 @@ from condkit.files import write_folder_atomically
 CONFIG_NAME = "conditioner_config.json"
 RUN_CONDITIONER = "conditioner"  # where a training run folder keeps its conditioner
 Prompt = str | list[str]  # one prompt, or one per image of the batch
+PER_ENCODER_PROMPTS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+"""diffusers' names for the texts of a pipeline's further text encoders (SDXL's and SD3's CLIP-G, SD3's T5, Flux's T5)."""
 
 
 @dataclass
@@ -89,6 +91,8 @@ class Conditioner(nn.Module):
     reproduces_pipeline_prompts: ClassVar[bool] = False
     # Options from_pipeline cannot do without, each with the one line that says how to give it.
     required_options: ClassVar[dict[str, str]] = {}
+    # The PER_ENCODER_PROMPTS `encode` reads; generate() refuses any other one before it starts.
+    per_encoder_prompt_names: ClassVar[tuple[str, ...]] = ()
 
     def embed(self, prompt: Prompt, negative_prompt: Prompt | None = None, num_images_per_prompt: int = 1) -> Conditioning:
         raise NotImplementedError

@@ -241,6 +241,11 @@ class CLIPConditioner(Conditioner):
         the refiner's one (a CLIPTextModelWithProjection)."""
         return has_projection(self.text_encoders[-1])
 
+    @property
+    def per_encoder_prompt_names(self) -> tuple[str, ...]:
+        """SDXL's second encoder reads prompt_2 / negative_prompt_2; one encoder (SD, the SDXL refiner) reads only the prompt."""
+        return ("prompt_2", "negative_prompt_2") if len(self.text_encoders) == 2 else ()
+
     @classmethod
     def from_pipeline(cls, pipe: Any, **options: Any) -> Conditioner:
         """Wrap a StableDiffusion(XL) pipeline's own tokenizers and text encoders (shared, not copied); the SDXL

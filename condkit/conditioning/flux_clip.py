@@ -54,6 +54,7 @@ class FluxCLIPConditioner(Conditioner):
     config_names = ("emphasis", "lora_scale", "max_sequence_length", "t5_weighting")
     reproduces_pipeline_prompts = True
     embedding_format: ClassVar[str] = "flux_single_file"  # how textual inversion writes a token learned on it
+    per_encoder_prompt_names: ClassVar[tuple[str, ...]] = ("prompt_2", "negative_prompt_2")  # T5's texts
 
     def __init__(
         self,

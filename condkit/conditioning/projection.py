@@ -199,6 +199,10 @@ class ProjectedConditioner(Conditioner):
     def schedules_prompts(self) -> bool:
         return getattr(self.conditioner, "schedules_prompts", False)
 
+    @property
+    def per_encoder_prompt_names(self) -> tuple[str, ...]:
+        return self.conditioner.per_encoder_prompt_names
+
     def _marked(self, plain: Conditioning) -> Conditioning:
         if plain.prompt_embeds.shape[-1] != self.projection.config.dim:
             raise ValueError(

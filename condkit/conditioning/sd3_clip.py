@@ -75,6 +75,12 @@ class SD3CLIPConditioner(Conditioner):
     emphasis = property(lambda self: self.clip.emphasis)
     lora_scale = property(lambda self: self.clip.lora_scale)
 
+    @property
+    def per_encoder_prompt_names(self) -> tuple[str, ...]:
+        """prompt_2 / negative_prompt_2 for CLIP-G; prompt_3 / negative_prompt_3 for T5, when the pipeline has it."""
+        t5_prompts = ("prompt_3", "negative_prompt_3") if self.t5_encoder is not None else ()
+        return ("prompt_2", "negative_prompt_2", *t5_prompts)
+
     @classmethod
     def from_pipeline(
         cls,

@@ -52,14 +52,15 @@ def denoising_step(pipe: Any, timestep: Any) -> tuple[int, int] | None:
     return steps.index(current) - first + 1, len(steps)
 
 
-def check_prompts_for_run(pipe: Any, conditioner: Any, prompts: list[tuple[str, str | None]], steps: int) -> None:
+def check_prompts_for_run(pipe: Any, conditioner: Any, prompts: list[tuple[str | None, ...]], steps: int) -> None:
     """Before a run of `steps` steps starts: refuse (ValueError, one line) an edit step beyond the run, and AND
-    with a ControlNet, for a conditioner that schedules prompts."""
+    with a ControlNet, for a conditioner that schedules prompts. `prompts`: per request, the prompt, then its
+    negative and per-encoder prompts (None when unset)."""
     if not getattr(conditioner, "schedules_prompts", False):
         return
-    for prompt, negative in prompts:
+    for prompt, *others in prompts:
         texts = [part.text for part in split_subprompts(prompt)] if is_composable(prompt) else [prompt]
-        for text in [*texts, *([negative] if negative is not None else [])]:
+        for text in [*texts, *(other for other in others if other is not None)]:
             check_schedule(text, steps)
         if is_composable(prompt) and getattr(pipe, "controlnet", None) is not None:
             raise ValueError(

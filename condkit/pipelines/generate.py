@@ -2,6 +2,10 @@
 
 Every image has its own seed (the request's, or `settings.seed + image index`) and its own
 torch.Generator, so an image does not depend on which batch it was generated in.
+
+A request may give the further text encoders their own text, under diffusers' argument names:
+`prompt_2` / `negative_prompt_2` (SDXL's and SD3's CLIP-G, Flux's T5) and `prompt_3` /
+`negative_prompt_3` (SD3's T5). Unset, an encoder reads the prompt (or negative), as in diffusers.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import inspect
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +22,7 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from condkit.conditioning.base import Conditioner, Conditioning
+from condkit.conditioning.base import PER_ENCODER_PROMPTS, Conditioner, Conditioning
 from condkit.conditioning.scheduled_prompts import batch_key
 from condkit.files import write_atomically
 from condkit.pipelines.attach import attach
@@ -32,6 +36,17 @@ class PromptRequest:
     prompt: str
     negative_prompt: str | None = None
     seed: int | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt_3: str | None = None
+
+    def per_encoder_prompts(self) -> dict[str, str]:
+        return per_encoder_prompts(self)
+
+    def texts(self) -> tuple[str | None, ...]:
+        """Everything the conditioner reads: the encoding of two requests with equal texts is the same."""
+        return (self.prompt, self.negative_prompt, *(getattr(self, name) for name in PER_ENCODER_PROMPTS))
 
 
 @dataclass
@@ -64,6 +79,18 @@ class GeneratedImage:
     prompt: str
     negative_prompt: str | None
     seed: int
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt_3: str | None = None
+
+    def per_encoder_prompts(self) -> dict[str, str]:
+        return per_encoder_prompts(self)
+
+
+def per_encoder_prompts(request: PromptRequest | GeneratedImage) -> dict[str, str]:
+    """The per-encoder prompts that are set, by diffusers' argument names."""
+    return {name: getattr(request, name) for name in PER_ENCODER_PROMPTS if getattr(request, name) is not None}
 
 
 def expand_requests(requests: Iterable[PromptRequest], settings: GenerationSettings) -> list[PromptRequest]:
@@ -72,7 +99,7 @@ def expand_requests(requests: Iterable[PromptRequest], settings: GenerationSetti
     for request in requests:
         for copy in range(settings.num_images_per_prompt):
             seed = request.seed + copy if request.seed is not None else settings.seed + len(jobs)
-            jobs.append(PromptRequest(request.prompt, request.negative_prompt, seed))
+            jobs.append(replace(request, seed=seed))
     return jobs
 
 
@@ -93,14 +120,14 @@ def generate(
     jobs = expand_requests(requests, settings)
     if not jobs:
         raise ValueError("no prompts to generate")
-    check_prompts_for_run(pipe, conditioner, [(job.prompt, job.negative_prompt) for job in jobs], settings.steps)
+    check_per_encoder_prompts(pipe, conditioner, jobs)
+    check_prompts_for_run(pipe, conditioner, [job.texts() for job in jobs], settings.steps)
     device = pipe._execution_device
-    encoded: dict[tuple[str, str | None], Conditioning] = {}
+    encoded: dict[tuple[str | None, ...], Conditioning] = {}
     for job in jobs:
-        key = (job.prompt, job.negative_prompt)
-        if key not in encoded:
-            encoded[key] = conditioner.encode(job.prompt, job.negative_prompt)
-    batches = batches_of_equal_shape([encoded[(job.prompt, job.negative_prompt)] for job in jobs], settings.batch_size)
+        if job.texts() not in encoded:
+            encoded[job.texts()] = conditioner.encode(job.prompt, job.negative_prompt, **job.per_encoder_prompts())
+    batches = batches_of_equal_shape([encoded[job.texts()] for job in jobs], settings.batch_size)
     images: dict[int, Image.Image] = {}
     bar = progress_bar(total=len(batches) * settings.steps, desc="generating", unit="step")  # a step denoises a batch
 
@@ -116,7 +143,7 @@ def generate(
 
     with attach(pipe, conditioner), bar:
         for batch in batches:
-            conditioning = concatenate([encoded[(jobs[i].prompt, jobs[i].negative_prompt)] for i in batch])
+            conditioning = concatenate([encoded[jobs[i].texts()] for i in batch])
             output = pipe(
                 **conditioning.to(device).kwargs(),
                 num_inference_steps=settings.steps,
@@ -127,7 +154,21 @@ def generate(
                 **one_image_per_row(pipeline_kwargs, len(batch)),
             )
             images.update(zip(batch, output.images))
-    return [GeneratedImage(images[i], job.prompt, job.negative_prompt, job.seed) for i, job in enumerate(jobs)]
+    return [GeneratedImage(images[i], job.prompt, job.negative_prompt, job.seed, **job.per_encoder_prompts())
+            for i, job in enumerate(jobs)]
+
+
+def check_per_encoder_prompts(pipe: Any, conditioner: Conditioner, requests: list[PromptRequest]) -> None:
+    """Refuse (ValueError, one line) a per-encoder prompt the conditioner has no encoder for, before anything is encoded."""
+    accepted = conditioner.per_encoder_prompt_names
+    for request in requests:
+        for name, text in request.per_encoder_prompts().items():
+            if name not in accepted:
+                expected = f"only {', '.join(accepted)}" if accepted else "none (it reads prompt and negative_prompt only)"
+                raise ValueError(
+                    f"{name}={text[:60]!r} does not apply to {type(conditioner).__name__} on {type(pipe).__name__}; "
+                    f"per-encoder prompts expected: {expected}"
+                )
 
 
 def size_arguments(pipe: Any, settings: GenerationSettings) -> dict[str, int]:
@@ -188,7 +229,8 @@ def save_results(
     paths = []
     for index, result in enumerate(results, start=first_index):
         stem = folder / f"{index:05d}_{result.seed}"
-        metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, "seed": result.seed}
+        metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, **per_encoder_prompts(result),
+                    "seed": result.seed}
         text = json.dumps(metadata, indent=2, allow_nan=False)  # metadata is always valid JSON
         write_atomically(stem.with_suffix(".json"), lambda path: Path(path).write_text(text))
         write_atomically(stem.with_suffix(".png"), lambda path: result.image.save(path, format="PNG"))

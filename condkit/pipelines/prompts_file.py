@@ -1,13 +1,15 @@
-"""Read prompts from a text file (one per line) or JSONL ({"prompt", "negative_prompt", "seed"})."""
+"""Read prompts from a text file (one per line) or JSONL ({"prompt", "negative_prompt", "seed"}, and the per-encoder
+prompts "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from condkit.conditioning.base import PER_ENCODER_PROMPTS
 from condkit.pipelines.generate import PromptRequest
 
-JSON_FIELDS = {"prompt", "negative_prompt", "negative", "seed", "spec"}  # spec: shapes-world prompt sets
+JSON_FIELDS = {"prompt", "negative_prompt", "negative", "seed", "spec", *PER_ENCODER_PROMPTS}  # spec: shapes-world prompt sets
 
 
 def read_prompts_file(path: str | Path) -> list[PromptRequest]:
@@ -45,4 +47,8 @@ def _parse_json_line(file: Path, number: int, line: str) -> PromptRequest:
         raise ValueError(f"{where}: negative_prompt must be a string, got {negative!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
-    return PromptRequest(record["prompt"], negative, seed)
+    per_encoder = {name: record[name] for name in PER_ENCODER_PROMPTS if record.get(name) is not None}
+    for name, text in per_encoder.items():
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: {name} must be a string, got {text!r}")
+    return PromptRequest(record["prompt"], negative, seed, **per_encoder)

@@ -48,12 +48,14 @@ def build_pipeline(
     )
 
 
-def save_pipeline(pipeline: StableDiffusionPipeline, clip: CLIPModel, model_dir: Path) -> Path:
-    """Write the pipeline and clip/ into `model_dir`, replacing it in one rename."""
+def save_pipeline(pipeline: StableDiffusionPipeline, clip: CLIPModel, model_dir: Path, card: str | None = None) -> Path:
+    """Write the pipeline, clip/ and the model card (README.md) into `model_dir`, replacing it in one rename."""
 
     def write(folder: Path) -> None:
         pipeline.save_pretrained(folder, safe_serialization=True)
         clip.save_pretrained(folder / "clip")
+        if card is not None:
+            (folder / "README.md").write_text(card, encoding="utf-8")
 
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     write_folder_atomically(model_dir, write)

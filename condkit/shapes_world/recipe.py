@@ -50,6 +50,7 @@ from transformers import CLIPModel
 from . import MODEL_DIR
 from .assemble import build_pipeline, folder_size_mb, save_pipeline, text_encoder_from_clip
 from .dataset import world_words
+from .model_card import model_card
 from .stage_runner import mark_done, read_report, start_over, write_json
 from .tokenizer import build_tokenizer, load_tokenizer
 from .train_clip import ClipScale, train_clip
@@ -198,7 +199,8 @@ def train_world(
         vae_dir = decoder_dir if decoder_dir.is_dir() else _require(out_dir / "vae" / "final", "vae")
         vae = AutoencoderKL.from_pretrained(vae_dir)
         unet = _load(UNet2DConditionModel, out_dir, "unet")
-        save_pipeline(build_pipeline(tokenizer, clip, vae, unet), clip, model_dir)
+        card = model_card(asdict(recipe), {stage: read_report(out_dir / stage) for stage in trained})
+        save_pipeline(build_pipeline(tokenizer, clip, vae, unet), clip, model_dir, card)
         reports["assemble"] = {"model_dir": str(model_dir), "vae": str(vae_dir), "size_mb": folder_size_mb(model_dir)}
     if reports:
         summary = {"scale": scale, "seed": seed, "recipe": asdict(recipe), "reports": reports}
