@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from condkit.cli import main
+from cli_helpers import run
 from tiny_models import tiny_sd_pipeline
 
 
@@ -13,12 +13,6 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline().save_pretrained(folder)
     return folder
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_writes_images_metadata_and_grid(model_dir, tmp_path, capsys):

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from condkit import GenerationSettings, PromptRequest, generate, load_conditioner
-from condkit.cli import main
 from condkit.pipelines.prompts_file import read_prompts_file
+from cli_helpers import run
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from tiny_transformer_models import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -155,12 +155,6 @@ def folders(tmp_path_factory):
     tiny_sd_pipeline().save_pretrained(root / "sd")
     tiny_sd3_pipeline().save_pretrained(root / "sd3")
     return root
-
-
-def run(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_flags_and_jsonl_keys_give_each_prompt_its_per_encoder_prompts(folders, tmp_path, capsys):

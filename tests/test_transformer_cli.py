@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from condkit.cli import main
+from cli_helpers import run
 from tiny_models import tiny_sd_pipeline
 from tiny_transformer_models import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -24,12 +24,6 @@ def folders(tmp_path_factory):
     tiny_flux_pipeline().save_pretrained(root / "flux")
     tiny_sd3_pipeline().save_pretrained(root / "sd3")
     return root
-
-
-def run(capsys, *argv):
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @torch.no_grad()

@@ -31,18 +31,25 @@ from condkit.pipelines.output_folder import check_writable
 from condkit.verbosity import progress_bar
 
 
-@dataclass
-class PromptRequest:
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int | None = None
+@dataclass(kw_only=True)
+class PerEncoderPrompts:
+    """Text for the further encoders, by diffusers' argument names; None: the encoder reads the prompt (or negative)."""
+
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
     prompt_3: str | None = None
     negative_prompt_3: str | None = None
 
     def per_encoder_prompts(self) -> dict[str, str]:
-        return per_encoder_prompts(self)
+        """The per-encoder prompts that are set."""
+        return {name: getattr(self, name) for name in PER_ENCODER_PROMPTS if getattr(self, name) is not None}
+
+
+@dataclass
+class PromptRequest(PerEncoderPrompts):
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
 
     def texts(self) -> tuple[str | None, ...]:
         """Everything the conditioner reads: the encoding of two requests with equal texts is the same."""
@@ -74,23 +81,11 @@ class GenerationSettings:
 
 
 @dataclass
-class GeneratedImage:
+class GeneratedImage(PerEncoderPrompts):
     image: Image.Image
     prompt: str
     negative_prompt: str | None
     seed: int
-    prompt_2: str | None = None
-    negative_prompt_2: str | None = None
-    prompt_3: str | None = None
-    negative_prompt_3: str | None = None
-
-    def per_encoder_prompts(self) -> dict[str, str]:
-        return per_encoder_prompts(self)
-
-
-def per_encoder_prompts(request: PromptRequest | GeneratedImage) -> dict[str, str]:
-    """The per-encoder prompts that are set, by diffusers' argument names."""
-    return {name: getattr(request, name) for name in PER_ENCODER_PROMPTS if getattr(request, name) is not None}
 
 
 def expand_requests(requests: Iterable[PromptRequest], settings: GenerationSettings) -> list[PromptRequest]:
@@ -229,7 +224,7 @@ def save_results(
     paths = []
     for index, result in enumerate(results, start=first_index):
         stem = folder / f"{index:05d}_{result.seed}"
-        metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, **per_encoder_prompts(result),
+        metadata = {**run, "prompt": result.prompt, "negative_prompt": result.negative_prompt, **result.per_encoder_prompts(),
                     "seed": result.seed}
         text = json.dumps(metadata, indent=2, allow_nan=False)  # metadata is always valid JSON
         write_atomically(stem.with_suffix(".json"), lambda path: Path(path).write_text(text))
