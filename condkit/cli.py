@@ -129,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     world = commands.add_parser("world", help="the embedded shapes world")
     world_commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
     train_world = world_commands.add_parser("train", help="train the shapes-world pipeline (resumable)",
-                                            description="Train the shapes world's pipeline: tokenizer → clip → vae → unet → assemble.")
+                                            description="Train the shapes world's pipeline: tokenizer → clip → vae → unet → decoder → assemble.")
     train_world.add_argument("--out", default="runs/world", help="checkpoint folder (default: runs/world)")
     train_world.add_argument("--model-dir", default=None, help="where to write the pipeline (default: the shipped model folder)")
     train_world.add_argument("--scale", default="full", choices=("full", "tiny"), help="full recipe or a tiny smoke run")
-    train_world.add_argument("--stages", default=None, help="comma-separated subset of tokenizer,clip,vae,unet,assemble")
+    train_world.add_argument("--stages", default=None, help="comma-separated subset of tokenizer,clip,vae,unet,decoder,assemble")
     train_world.add_argument("--seed", type=seed, default=0)
     train_world.add_argument("--no-resume", action="store_true", help="start over instead of resuming checkpoints")
     train_world.add_argument("--quiet", action="store_true", help="no progress bars or info messages (warnings still print)")
