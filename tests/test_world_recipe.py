@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -23,7 +24,8 @@ from condkit.shapes_world.hard_negatives import change_shape, flip_relation, har
 from condkit.shapes_world.assemble import text_encoder_from_clip
 from condkit.shapes_world.recipe import SCALES, train_world
 from condkit.shapes_world.tokenizer import bytes_to_unicode, build_tokenizer, load_tokenizer
-from condkit.shapes_world.train_unet import MIN_SNR_GAMMA, UnetStage, training_scheduler
+from condkit.shapes_world.train_unet import MIN_SNR_GAMMA, UnetStage, build_unet, training_scheduler
+from condkit.shapes_world.train_vae import build_vae
 from condkit.shapes_world.world_data import render_pool
 from condkit.training import loop
 from condkit.training.loop import TrainingConfig
@@ -279,6 +281,15 @@ def test_no_resume_starts_a_stage_over(tiny_run, tmp_path):
     assert (out_dir / "decoder" / "done.json").stat().st_mtime_ns != before
     assert [path.name for path in list_checkpoints(out_dir / "decoder" / "checkpoints")] == [f"step-{TINY_STEPS:06d}"]
     assert_same_stage(out_dir, tiny_run, "decoder")
+
+
+def test_the_unet_denoises_as_many_latent_channels_as_the_vae_gives():
+    scale = SCALES["tiny"]
+    vae = build_vae(dataclasses.replace(scale.vae, latent_channels=8), resolution=32)
+    latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    unet = build_unet(scale.unet, cross_attention_dim=32, latent_size=8, latent_channels=vae.config.latent_channels)
+    prediction = unet(latents, 10, encoder_hidden_states=torch.zeros(1, 4, 32)).sample
+    assert latents.shape == prediction.shape == (1, 8, 8, 8)
 
 
 def test_unknown_scale_or_stage_is_refused(tmp_path):

@@ -55,13 +55,13 @@ def training_scheduler() -> DDPMScheduler:
     )
 
 
-def build_unet(scale: UnetScale, cross_attention_dim: int, latent_size: int) -> UNet2DConditionModel:
+def build_unet(scale: UnetScale, cross_attention_dim: int, latent_size: int, latent_channels: int = 4) -> UNet2DConditionModel:
     down = tuple("CrossAttnDownBlock2D" if attn else "DownBlock2D" for attn in scale.attention_levels)
     up = tuple("CrossAttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(scale.attention_levels))
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=scale.channels,
         down_block_types=down,
         up_block_types=up,
@@ -155,7 +155,7 @@ def train_unet(
     """Train (or resume) the UNet stage; the EMA weights are saved under stage_dir/final."""
     latent_size = pool.images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(seed)
-    unet = build_unet(scale, text_encoder.config.hidden_size, latent_size)
+    unet = build_unet(scale, text_encoder.config.hidden_size, latent_size, vae.config.latent_channels)
     method = UnetStage(unet, tokenizer, text_encoder, scale.ema_decay, scale.caption_dropout)
     config = stage_config(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,

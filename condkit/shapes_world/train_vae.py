@@ -39,6 +39,7 @@ class VaeScale:
     checkpoint_every: int
     scored_images: int
     small_object_weight: float = 0.0
+    latent_channels: int = 4
 
 
 EDGE_WEIGHT = 4.0
@@ -57,7 +58,7 @@ def build_vae(scale: VaeScale, resolution: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=scale.channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=scale.latent_channels,
         norm_num_groups=min(8, scale.channels[0]),
         sample_size=resolution,
         mid_block_add_attention=False,
