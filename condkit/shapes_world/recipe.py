@@ -12,7 +12,8 @@ stage has run, the VAE stage's otherwise.
 "tiny" runs every stage for a few steps on tiny models (for tests). "full" writes the shipped
 pipeline folder condkit/shapes_world/model/. The shipped model was trained by the first full recipe
 (CLIP 2000 steps ~35 min, VAE ~15 min, UNet 8000 steps ~95 min, decoder ~12 min on two CPU cores).
-The full recipe now fixes what issue 18 measured as limiting it, and has not been run yet:
+The full recipe now fixes what issue 18 measured as limiting it; its first run is in progress
+(runs/world-v2, carried by commits; stage numbers in docs/results.md):
 - CLIP: two hard negatives per image (NegCLIP swaps of colours, of shapes between objects, a shape
   changed, a relation flipped; each checked to describe another scene), not one;
 - VAE: small objects' pixels weighted up to 5× (`small_object_weight`), since the VAE alone lost
