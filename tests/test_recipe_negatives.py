@@ -21,8 +21,9 @@ from condkit.shapes_world.recipe import SCALES
 from condkit.shapes_world.scenes import Scene, SceneObject, render, sample_scene
 from condkit.shapes_world.scorer import score
 from condkit.shapes_world.tokenizer import build_tokenizer
+from condkit.shapes_world.train_decoder import DecoderStage
 from condkit.shapes_world.train_unet import UnetStage, build_unet
-from condkit.shapes_world.train_vae import object_areas, outline_weighted_error, small_object_weights
+from condkit.shapes_world.train_vae import build_vae, object_areas, outline_weighted_error, small_object_weights
 
 
 def captioned_scenes(count: int):
@@ -107,6 +108,25 @@ def test_small_objects_weigh_more_in_the_vae_loss():
     lost[..., 8:25, 8:25] = 1.0
     assert outline_weighted_error(lost, image, 4.0) > 1.5 * outline_weighted_error(lost, image, 0.0)
 
+
+def test_the_decoder_stage_weighs_small_objects_as_asked():
+    scene = Scene((SceneObject("cross", "red", "small", 0.25, 0.25), SceneObject("square", "blue", "large", 0.7, 0.7)), "white")
+    items = [{"image": torch.from_numpy(np.asarray(render(scene), dtype=np.float32)).permute(2, 0, 1) / 255}]
+    vae = build_vae(SCALES["tiny"].vae, resolution=64)
+    images = items[0]["image"][None] * 2 - 1
+    losses = {}
+    for weight in (0.0, 16.0):
+        stage = DecoderStage(vae, small_object_weight=weight)
+        torch.manual_seed(0)
+        losses[weight] = stage(items)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            expected = outline_weighted_error(vae.decode(vae.encode(images).latent_dist.sample()).sample, images, weight)
+        assert torch.allclose(losses[weight], expected) and stage.settings() == {"small_object_weight": weight}
+    assert not torch.allclose(losses[0.0], losses[16.0])
+    assert {name for name, p in vae.named_parameters() if p.requires_grad} == {
+        name for name, _ in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))
+    }
 
 def test_full_recipe_grows_the_unet_within_the_folder_budget():
     full = SCALES["full"]

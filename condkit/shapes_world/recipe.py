@@ -17,7 +17,9 @@ The full recipe now fixes what issue 18 measured as limiting it; its first run i
 - CLIP: two hard negatives per image (NegCLIP swaps of colours, of shapes between objects, a shape
   changed, a relation flipped; each checked to describe another scene), not one;
 - VAE: small objects' pixels weighted up to 5× (`small_object_weight`), since the VAE alone lost
-  every small cross;
+  every small cross; it still loses them (drawn as four-pointed stars), and neither 8 latent
+  channels nor weighting the decoder stage 17× (`DecoderScale.small_object_weight`) held them in
+  trials, so both stay off (benchmarks/vae_shapes_by_size.py, docs/results.md);
 - UNet: two ResNet/attention layers per level, channels (32, 96, 128): 6.5M parameters instead of
   5.7M and twice the depth, keeping the folder near 38 MB (of 40); 8000 steps, 10% caption dropout (the
   unconditional classifier-free guidance needs, as before).

@@ -29,23 +29,28 @@ class DecoderScale:
     learning_rate: float
     checkpoint_every: int
     scored_images: int
+    small_object_weight: float = 0.0
 
 
 class DecoderStage(LossMethod):
     """The outline-weighted reconstruction error through the frozen encoder; only the decoder side trains."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, small_object_weight: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
+        self.small_object_weight = small_object_weight
         vae.requires_grad_(False)
         vae.decoder.requires_grad_(True)
         vae.post_quant_conv.requires_grad_(True)
+
+    def settings(self) -> dict:
+        return {"small_object_weight": self.small_object_weight}
 
     def forward(self, items: Sequence[dict]) -> torch.Tensor:  # type: ignore[override]
         images = pool_pixels(items, self.vae.device)
         with torch.no_grad():
             latents = self.vae.encode(images).latent_dist.sample()
-        return outline_weighted_error(self.vae.decode(latents).sample, images)
+        return outline_weighted_error(self.vae.decode(latents).sample, images, self.small_object_weight)
 
 
 def train_decoder(
@@ -56,7 +61,7 @@ def train_decoder(
         stage_dir, steps=scale.steps, batch_size=scale.batch_size, learning_rate=scale.learning_rate,
         checkpoint_every=scale.checkpoint_every, warmup_steps=0, weight_decay=0.0, seed=seed,
     )  # fmt: skip
-    result = train_with_own_loss(DecoderStage(vae), pool, config)
+    result = train_with_own_loss(DecoderStage(vae, scale.small_object_weight), pool, config)
     vae.cpu().eval()
     report = {
         "final_loss": final_loss(result),
