@@ -1,7 +1,6 @@
 """benchmarks/vae_shapes_by_size.py: ground truth passes every cell; a blur loses the small shapes first."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,8 @@ def test_a_blur_loses_small_shapes_before_large_ones(by_size):
     assert small < large and large >= 4.0
 
 
-def test_a_folder_without_a_vae_is_refused_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCHMARK), str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 2 and "holds no config.json" in result.stderr.strip().splitlines()[-1]
+def test_a_folder_without_a_vae_is_refused_in_one_line(by_size, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["vae_shapes_by_size.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_status:
+        by_size.main()
+    assert exit_status.value.code == 2 and "holds no config.json" in capsys.readouterr().err.strip().splitlines()[-1]
