@@ -37,3 +37,11 @@ def test_a_folder_without_a_vae_is_refused_in_one_line(by_size, tmp_path, monkey
     with pytest.raises(SystemExit) as exit_status:
         by_size.main()
     assert exit_status.value.code == 2 and "holds no config.json" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_no_scenes_per_cell_is_refused_in_one_line(by_size, tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["vae_shapes_by_size.py", str(tmp_path), "--scenes", "0"])
+    with pytest.raises(SystemExit) as exit_status:
+        by_size.main()
+    assert exit_status.value.code == 2 and "--scenes must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
