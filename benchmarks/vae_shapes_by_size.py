@@ -11,19 +11,16 @@ almost every small cross (it draws a four-pointed star the scorer reads as a dia
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from diffusers import AutoencoderKL
 
 from condkit.shapes_world.captions import describe
 from condkit.shapes_world.scenes import EDGE_MARGIN, Scene, SceneObject, radius_fraction, render
 from condkit.shapes_world.scorer import score
+from condkit.shapes_world.train_vae import RoundTrip, mean_latent_round_trip, round_trip_renders
 from condkit.shapes_world.vocabulary import BACKGROUNDS, COLOURS, SHAPES, SIZES
-
-RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 
 
 def one_object_scenes(shape: str, size: str, count: int, rng: np.random.Generator) -> list[Scene]:
@@ -46,17 +43,11 @@ def binding_by_shape_and_size(round_trip: RoundTrip, scenes_per_cell: int, seed:
         for size in SIZES:
             scenes = one_object_scenes(shape, size, scenes_per_cell, rng)
             specs = [describe(scene, "short", rng).spec for scene in scenes]
-            pixels = np.stack([np.asarray(render(scene)) for scene in scenes]).astype(np.float32)
-            with torch.no_grad():
-                images = round_trip(torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1)
-            decoded = ((images.clamp(-1, 1).permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            renders = np.stack([np.asarray(render(scene)) for scene in scenes])
+            decoded = round_trip_renders(round_trip, renders)
             credited = [score(image, spec)["colour_shape_binding"] for image, spec in zip(decoded, specs)]
             table[shape][size] = float(np.mean(credited))
     return table
-
-
-def vae_round_trip(vae: AutoencoderKL) -> RoundTrip:
-    return lambda images: vae.decode(vae.encode(images).latent_dist.mean).sample
 
 
 def markdown(tables: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -84,7 +75,7 @@ def main() -> None:
     tables = {}
     for folder in args.vaes:
         vae = AutoencoderKL.from_pretrained(folder).eval()
-        tables[folder] = binding_by_shape_and_size(vae_round_trip(vae), args.scenes, args.seed)
+        tables[folder] = binding_by_shape_and_size(mean_latent_round_trip(vae), args.scenes, args.seed)
     print(markdown(tables))
 
 

@@ -12,7 +12,7 @@ The stage report includes the world scorer on reconstructions next to the render
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,16 +147,30 @@ def reconstruction_quality(vae: AutoencoderKL, held_out: Pool, count: int = 256)
     return {"psnr_db": float(psnr), "mean_abs_error_0_255": float(mae)}
 
 
+RoundTrip = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mean_latent_round_trip(vae: AutoencoderKL) -> RoundTrip:
+    """Images in [-1, 1] (N, 3, H, W) encoded to the posterior mean and decoded."""
+    return lambda images: vae.decode(vae.encode(images).latent_dist.mean).sample
+
+
 @torch.no_grad()
+def round_trip_renders(round_trip: RoundTrip, renders: np.ndarray) -> np.ndarray:
+    """uint8 renders (N, H, W, 3) through a round trip on [-1, 1] images, back to uint8."""
+    images = torch.from_numpy(renders.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+    decoded = round_trip(images).clamp(-1, 1)
+    return ((decoded.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
 def scorer_on_reconstructions(vae: AutoencoderKL, count: int, seed: int) -> dict[str, dict[str, float]]:
     """The world scorer's metrics on renders and on their mean-latent reconstructions."""
     dataset = ShapesDataset(count, seed=seed)
+    round_trip = mean_latent_round_trip(vae)
     on_renders, on_reconstructions = [], []
     for index in range(count):
         item = dataset[index]
-        pixels = torch.from_numpy(np.asarray(item["image"], dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-        reconstruction = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        reconstruction = round_trip_renders(round_trip, np.asarray(item["image"])[None])[0]
         on_renders.append(score(item["image"], item["spec"]))
         on_reconstructions.append(score(reconstruction, item["spec"]))
     return {"renders": aggregate(on_renders), "reconstructions": aggregate(on_reconstructions)}
